@@ -1,0 +1,357 @@
+"""Which parameters are regularized, and how strongly.
+
+A *mask* says which leaves of a params pytree a penalty or transform touches. It
+may be given as
+
+* ``None``: every floating-point leaf;
+* a :class:`Selector` (``match("*/kernel")``, ``regex(...)``, ``where(...)``,
+  ``default()``, ``ALL``, ``NONE``), combined with ``&``, ``|`` and ``~``;
+* a glob string or a list of glob strings (shorthand for :func:`match`);
+* a pytree of bools shaped like the params, or a prefix of them
+  (``{"encoder": False, "head": True}``);
+* a function ``params -> pytree of bools`` (Optax's convention). Callable pytrees
+  such as Equinox modules are read as trees, never called.
+
+Leaves are named by their key path joined with ``/`` (``"layers/0/kernel"``); a
+trailing ``value`` attribute (``flax.nnx`` Variables) is dropped. Non-float
+leaves are never regularized. Masks are resolved from paths, shapes and dtypes
+only, so they are static under ``jit``; rates stay traced.
+
+A *rate* is a scalar, a pytree of per-leaf rates, or a :class:`RateMap` built by
+:func:`rates` (``{pattern: rate}`` with a fallback), like PyTorch param groups.
+
+Every mask is validated: a pattern that matches no parameter, a mask tree that
+does not fit the params, and a mask that selects nothing all raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wdjax._checks import check_rate
+
+Params = Any
+Predicate = Callable[[str, Any], bool]
+
+# ---------------------------------------------------------------------- paths
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path_parts(keypath: tuple) -> tuple[str, ...]:
+    parts = tuple(_key_name(k) for k in keypath)
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
+        parts = parts[:-1]  # flax.nnx Variable
+    return parts
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    """``[(path, leaf), ...]`` in flattening order, paths joined with ``/``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [("/".join(_path_parts(kp)), leaf) for kp, leaf in flat]
+
+
+def is_float(leaf: Any) -> bool:
+    """True for floating-point arrays: the only leaves that are ever regularized."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+# ------------------------------------------------------------------ selectors
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Selector:
+    """Selects leaves by ``predicate(path, leaf)``; combine with ``&``, ``|``, ``~``.
+
+    ``patterns`` are checked on resolution: each must match at least one leaf.
+    Selectors are deliberately not callable, so ``optax.inject_hyperparams``
+    can never mistake one for a schedule.
+    """
+
+    predicate: Predicate
+    description: str
+    patterns: tuple[tuple[str, Callable[[str], bool]], ...] = ()
+
+    def __and__(self, other: Selector) -> Selector:
+        return Selector(
+            lambda p, x: self.predicate(p, x) and other.predicate(p, x),
+            f"({self.description} & {other.description})",
+            self.patterns + other.patterns,
+        )
+
+    def __or__(self, other: Selector) -> Selector:
+        return Selector(
+            lambda p, x: self.predicate(p, x) or other.predicate(p, x),
+            f"({self.description} | {other.description})",
+            self.patterns + other.patterns,
+        )
+
+    def __invert__(self) -> Selector:
+        return Selector(lambda p, x: not self.predicate(p, x), f"~{self.description}", self.patterns)
+
+    def __repr__(self) -> str:
+        return f"Selector({self.description})"
+
+
+def _pattern_selector(kind: str, patterns: Sequence[str], test: Callable[[str, str], bool]) -> Selector:
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"{kind}() takes one or more non-empty pattern strings, got {patterns!r}")
+    checks = tuple((p, (lambda path, p=p: test(p, path))) for p in patterns)
+    return Selector(
+        lambda path, _: any(check(path) for _, check in checks),
+        f"{kind}({', '.join(map(repr, patterns))})",
+        checks,
+    )
+
+
+def match(*patterns: str) -> Selector:
+    """Leaves whose path matches any glob (``fnmatch``; ``*`` also crosses ``/``)."""
+    return _pattern_selector("match", patterns, lambda p, path: fnmatch.fnmatchcase(path, p))
+
+
+def regex(*patterns: str) -> Selector:
+    """Leaves whose path contains a match of any regular expression (``re.search``)."""
+    compiled = {p: re.compile(p) for p in patterns}
+    return _pattern_selector("regex", patterns, lambda p, path: compiled[p].search(path) is not None)
+
+
+def where(predicate: Predicate, description: str | None = None) -> Selector:
+    """Leaves for which ``predicate(path, leaf)`` is true, e.g. ``lambda p, w: w.ndim >= 2``."""
+    return Selector(predicate, description or getattr(predicate, "__name__", "where"))
+
+
+ALL = Selector(lambda p, x: True, "ALL")
+NONE = Selector(lambda p, x: False, "NONE")
+_EMBEDDING = re.compile(r"embed|token", re.IGNORECASE)
+
+
+def default(*, embeddings: bool = False) -> Selector:
+    """Dense/conv kernels: leaves with ``ndim >= 2``, which excludes biases and
+    normalization scales/offsets. Embedding tables (a path containing ``embed`` or
+    ``token``) are excluded unless ``embeddings=True``; this matches timm's and
+    Hugging Face's defaults."""
+    kernels = where(lambda p, x: np.ndim(x) >= 2, "ndim>=2")
+    if embeddings:
+        return Selector(kernels.predicate, "default(embeddings=True)")
+    return Selector(
+        lambda p, x: kernels.predicate(p, x) and not _EMBEDDING.search(p), "default()"
+    )
+
+
+# ---------------------------------------------------------------- rate maps
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RateMap:
+    """Per-group rates: the first pattern (glob) that matches a leaf gives its rate;
+    leaves no pattern matches get ``default``. Built by :func:`rates`."""
+
+    groups: tuple[tuple[str, Any], ...]
+    default: Any = 0.0
+
+    def resolve(self, params: Params) -> list[Any]:
+        paths = [p for p, _ in leaves_with_paths(params)]
+        for pattern, _ in self.groups:
+            if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+                raise ValueError(f"rate pattern {pattern!r} matches no parameter; paths are: {_preview(paths)}")
+        return [
+            next((r for pat, r in self.groups if fnmatch.fnmatchcase(p, pat)), self.default)
+            for p in paths
+        ]
+
+
+def rates(groups: Mapping[str, Any], default: Any = 0.0) -> RateMap:
+    """``rates({"*/kernel": 1e-4, "*embedding": 1e-5}, default=0.0)``: per-group rates."""
+    for pattern, rate in groups.items():
+        check_rate(rate, f"rate for {pattern!r}")
+    check_rate(default, "default rate")
+    return RateMap(tuple(groups.items()), default)
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def _preview(paths: Sequence[str], n: int = 6) -> str:
+    shown = ", ".join(paths[:n])
+    return shown + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
+def _fit_tree(tree: Any, params: Params, what: str) -> list[Any]:
+    """Broadcast a tree that is the params' structure or a prefix of it onto the
+    params' leaves, matching by path; raise naming the first path that does not fit."""
+    entries = [(tuple(p.split("/")) if p else (), v) for p, v in leaves_with_paths(tree)]
+    out = []
+    used = set()
+    for path, _ in leaves_with_paths(params):
+        parts = tuple(path.split("/")) if path else ()
+        hits = [i for i, (e, _) in enumerate(entries) if parts[: len(e)] == e]
+        if not hits:
+            raise ValueError(f"{what} tree does not fit the params: no entry for parameter {path!r}")
+        used.add(hits[-1])
+        out.append(entries[hits[-1]][1])
+    for i, (e, _) in enumerate(entries):
+        if i not in used:
+            raise ValueError(
+                f"{what} tree does not fit the params: entry {'/'.join(e)!r} matches no parameter"
+            )
+    return out
+
+
+def _as_bool(value: Any, path: str) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, np.ndarray) and value.shape == () and value.dtype == bool):
+        return bool(value)
+    raise ValueError(f"mask leaves must be Python bools, got {type(value).__name__} at {path!r}")
+
+
+def _selector_of(mask: Any) -> Selector | None:
+    if mask is None:
+        return ALL
+    if isinstance(mask, Selector):
+        return mask
+    if isinstance(mask, str):
+        return match(mask)
+    if isinstance(mask, (list, tuple)) and mask and all(isinstance(m, str) for m in mask):
+        return match(*mask)
+    return None
+
+
+def resolve(params: Params, mask: Any = None) -> list[bool]:
+    """The mask as one bool per leaf of ``params`` (flattening order); non-float
+    leaves are always ``False``. Raises ``ValueError`` on any mask that does not fit
+    or selects nothing."""
+    named = leaves_with_paths(params)
+    selector = _selector_of(mask)
+    if selector is not None:
+        for pattern, check in selector.patterns:
+            if not any(check(p) for p, _ in named):
+                raise ValueError(
+                    f"mask pattern {pattern!r} matches no parameter; paths are: {_preview([p for p, _ in named])}"
+                )
+        chosen = [is_float(x) and bool(selector.predicate(p, x)) for p, x in named]
+    else:
+        if callable(mask) and jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
+            mask = mask(params)
+        values = _fit_tree(mask, params, "mask")
+        chosen = [is_float(x) and _as_bool(v, p) for (p, x), v in zip(named, values)]
+    if not any(chosen) and selector is not NONE:
+        raise ValueError(
+            f"mask {mask!r} selects no floating-point parameter, so it would do nothing; "
+            f"paths are: {_preview([p for p, _ in named])} (use wdjax.masks.NONE to mean no decay)"
+        )
+    return chosen
+
+
+def check_rate_arg(rate: Any, what: str = "rate") -> None:
+    """Check every concrete value of a scalar, schedule, rate pytree or :class:`RateMap`
+    (a RateMap was checked when built)."""
+    if not isinstance(rate, RateMap):
+        for leaf in jax.tree.leaves(rate):
+            check_rate(leaf, what)
+
+
+def _is_scalar(rate: Any) -> bool:
+    return isinstance(rate, (int, float, np.number)) or (hasattr(rate, "shape") and np.ndim(rate) == 0)
+
+
+def leaf_rates(params: Params, rate: Any, mask: Any = None) -> list[Any]:
+    """One rate per leaf of ``params`` (flattening order), ``None`` where the leaf is
+    left alone: masked out, non-float, or a rate that is the literal ``0``.
+
+    ``rate`` is a scalar (concrete or traced), a :class:`RateMap`, or a pytree of
+    per-leaf rates shaped like the params (or a prefix of them)."""
+    chosen = resolve(params, mask)
+    if isinstance(rate, RateMap):
+        values = rate.resolve(params)
+    elif _is_scalar(rate):
+        check_rate(rate, "rate")
+        values = [rate] * len(chosen)
+    else:
+        values = _fit_tree(rate, params, "rate")
+        for (p, _), v in zip(leaves_with_paths(params), values):
+            check_rate(v, f"rate for {p!r}")
+    return [
+        v if c and not (isinstance(v, (int, float)) and v == 0) else None
+        for c, v in zip(chosen, values)
+    ]
+
+
+# ------------------------------------------------------------------ describe
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    size: int
+    rate: float | None  # None: not regularized
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """What :func:`describe` returns: one :class:`Row` per leaf, and totals."""
+
+    rows: tuple[Row, ...]
+
+    @property
+    def decayed(self) -> int:
+        return sum(r.size for r in self.rows if r.rate is not None)
+
+    @property
+    def total(self) -> int:
+        return sum(r.size for r in self.rows)
+
+    def __str__(self) -> str:
+        head = ("path", "shape", "dtype", "size", "rate")
+        body = [
+            (r.path, str(r.shape), r.dtype, f"{r.size:,}", "-" if r.rate is None else f"{r.rate:g}")
+            for r in self.rows
+        ]
+        widths = [max(len(c) for c in col) for col in zip(head, *body)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
+        share = self.decayed / self.total if self.total else 0.0
+        lines.append(
+            f"regularized {self.decayed:,} of {self.total:,} parameters ({share:.1%}); "
+            f"not regularized {self.total - self.decayed:,}"
+        )
+        return "\n".join(lines)
+
+
+def describe(
+    params: Params, mask: Any = None, rate: Any = 1.0, *, file: TextIO | None = sys.stdout
+) -> Table:
+    """Tabulate every leaf's path, shape, dtype, size and rate, print it to ``file``
+    (``None``: don't print) and return it. ``mask`` may also be a :class:`RateMap`,
+    which then gives the rates: ``describe(params, rates({...}))``."""
+    if isinstance(mask, RateMap):
+        mask, rate = None, mask
+    per_leaf = leaf_rates(params, rate, mask)
+    rows = tuple(
+        Row(
+            p,
+            tuple(np.shape(x)),
+            str(getattr(x, "dtype", type(x).__name__)),
+            int(np.size(x)) if hasattr(x, "shape") else 0,
+            None if r is None else float(r),
+        )
+        for (p, x), r in zip(leaves_with_paths(params), per_leaf)
+    )
+    table = Table(rows)
+    if file is not None:
+        print(table, file=file)
+    return table

@@ -1,0 +1,201 @@
+"""Ready-made optimizers: thin ``optax.chain``\\ s with the decay in the right place.
+
+============  ====================================================  =========================
+optimizer     chain                                                 PyTorch equivalent
+============  ====================================================  =========================
+``adamw``     adam → −η → decoupled decay ``u ← u − c_t·λ·w``        ``AdamW(weight_decay=λ)``
+``adam_l2``   ``g + λ·w`` → adam → −η                               ``Adam(weight_decay=λ)``
+``sgdw``      momentum → −η → decoupled decay                       (SGDW, Loshchilov & Hutter)
+``sgd_l2``    ``g + λ·w`` → momentum → −η                           ``SGD(weight_decay=λ, momentum=μ)``
+``lionw``     lion → −η → decoupled decay                           (Lion paper)
+============  ====================================================  =========================
+
+Each takes ``mask`` (default: :func:`wdjax.masks.default`, kernels only — biases,
+normalization parameters and embeddings are not decayed), ``l1`` (adds
+:func:`wdjax.l1_proximal` last; ``None`` leaves it out) and, for the decoupled ones,
+``lr_coupling`` and ``cautious`` (see :func:`wdjax.decoupled_weight_decay`).
+
+``learning_rate``, ``weight_decay`` and ``l1`` live in the optimizer state as float32
+hyperparameters (``optax.inject_hyperparams``), so they can be read and changed
+without recompiling, and vmapped over for sweeps::
+
+    state = optax.tree_utils.tree_set(state, weight_decay=1e-3)
+
+The mask is bound before injection, so a callable mask is never mistaken for a
+schedule (the trap of ``optax.inject_hyperparams(optax.adamw)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+from wdjax import masks
+from wdjax._checks import check_rate
+from wdjax.transforms import (
+    Coupling,
+    ScalarOrSchedule,
+    _multiplier,
+    add_l2_gradient,
+    decoupled_weight_decay,
+    l1_proximal,
+)
+
+DEFAULT_MASK = masks.default()
+
+
+def _build(
+    direction: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule,
+    *,
+    coupled: bool,
+    mask: Any,
+    l1: ScalarOrSchedule | None,
+    lr_coupling: Coupling = "lr",
+    max_learning_rate: float | None = None,
+    cautious: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay), ("l1", l1)):
+        if value is not None:
+            check_rate(value, name)
+    if not coupled:
+        _multiplier(lr_coupling, learning_rate, max_learning_rate)  # validates the coupling now
+
+    def chain(learning_rate: Any, weight_decay: Any, l1: Any = None) -> optax.GradientTransformation:
+        parts = [add_l2_gradient(weight_decay, mask)] if coupled else []
+        parts += [direction, optax.scale_by_learning_rate(learning_rate)]
+        if not coupled:
+            parts.append(
+                decoupled_weight_decay(
+                    weight_decay,
+                    mask,
+                    learning_rate=learning_rate,
+                    lr_coupling=lr_coupling,
+                    max_learning_rate=max_learning_rate,
+                    cautious=cautious,
+                )
+            )
+        if l1 is not None:
+            parts.append(l1_proximal(l1, learning_rate, mask))
+        return optax.chain(*parts)
+
+    hyper = {"learning_rate": learning_rate, "weight_decay": weight_decay}
+    if l1 is not None:
+        hyper["l1"] = l1
+    return optax.inject_hyperparams(chain, hyperparam_dtype=jnp.float32)(**hyper)
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    nesterov: bool = False,
+    mask: Any = DEFAULT_MASK,
+    l1: ScalarOrSchedule | None = None,
+    lr_coupling: Coupling = "lr",
+    max_learning_rate: float | None = None,
+    cautious: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW: ``u = −η_t·m̂/(√v̂ + ε) − c_t·λ·w`` (``nesterov=True``: NAdamW)."""
+    return _build(
+        optax.scale_by_adam(b1, b2, eps, nesterov=nesterov), learning_rate, weight_decay,
+        coupled=False, mask=mask, l1=l1, lr_coupling=lr_coupling,
+        max_learning_rate=max_learning_rate, cautious=cautious,
+    )
+
+
+def adam_l2(
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    mask: Any = DEFAULT_MASK,
+    l1: ScalarOrSchedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam on ``g + λ·w`` (coupled L2): PyTorch ``Adam(weight_decay=λ)``."""
+    return _build(
+        optax.scale_by_adam(b1, b2, eps), learning_rate, weight_decay, coupled=True, mask=mask, l1=l1
+    )
+
+
+def _momentum(momentum: float, nesterov: bool) -> optax.GradientTransformation:
+    check_rate(momentum, "momentum")
+    return optax.trace(momentum, nesterov) if momentum else optax.identity()
+
+
+def sgdw(
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    mask: Any = DEFAULT_MASK,
+    l1: ScalarOrSchedule | None = None,
+    lr_coupling: Coupling = "lr",
+    max_learning_rate: float | None = None,
+    cautious: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """SGD with (heavy-ball or Nesterov) momentum and decoupled decay ``u ← u − c_t·λ·w``."""
+    return _build(
+        _momentum(momentum, nesterov), learning_rate, weight_decay, coupled=False, mask=mask, l1=l1,
+        lr_coupling=lr_coupling, max_learning_rate=max_learning_rate, cautious=cautious,
+    )
+
+
+def sgd_l2(
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    mask: Any = DEFAULT_MASK,
+    l1: ScalarOrSchedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SGD on ``g + λ·w``: PyTorch ``SGD(weight_decay=λ, momentum=μ, nesterov=...)``."""
+    return _build(
+        _momentum(momentum, nesterov), learning_rate, weight_decay, coupled=True, mask=mask, l1=l1
+    )
+
+
+def lionw(
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    mask: Any = DEFAULT_MASK,
+    l1: ScalarOrSchedule | None = None,
+    lr_coupling: Coupling = "lr",
+    max_learning_rate: float | None = None,
+    cautious: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Lion (sign of interpolated momentum) with decoupled decay, as in the Lion paper."""
+    return _build(
+        optax.scale_by_lion(b1, b2), learning_rate, weight_decay, coupled=False, mask=mask, l1=l1,
+        lr_coupling=lr_coupling, max_learning_rate=max_learning_rate, cautious=cautious,
+    )
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
+    "adamw": adamw,
+    "adam_l2": adam_l2,
+    "sgdw": sgdw,
+    "sgd_l2": sgd_l2,
+    "lionw": lionw,
+}
+
+
+def create(name: str, learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule, **kwargs: Any):
+    """Build an optimizer by name (one of :data:`OPTIMIZERS`)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](learning_rate, weight_decay, **kwargs)
