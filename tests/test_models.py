@@ -125,7 +125,7 @@ def test_logits_shape_and_dtype(model: Model) -> None:
 
 def test_cnn_non_square_rgb() -> None:
     model = models.cnn(input_shape=(12, 10, 3), num_classes=4, channels=(8,), dense=16)
-    params, model_state = _shapes(model)
+    params, _ = _shapes(model)
     assert params["conv1/kernel"] == (3, 3, 3, 8)
     assert params["dense1/kernel"] == (6 * 5 * 8, 16)
     logits, _ = jax.eval_shape(
@@ -139,7 +139,7 @@ def test_cnn_non_square_rgb() -> None:
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "silu"])
 def test_activations(activation: str) -> None:
     model = models.mlp(input_shape=(6,), widths=(8,), activation=activation)
-    params, model_state = _init(MLP)
+    params, model_state = _init(MLP)  # same tree as `model`; the activation has no params
     logits, _ = model.apply(params, model_state, _batch(model), train=True)
     assert bool(jnp.all(jnp.isfinite(logits)))
 
@@ -277,7 +277,9 @@ def test_no_rng_needed_without_dropout() -> None:
 def test_config_errors() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'resnet'; valid: mlp, cnn"):
         models.create("resnet", input_shape=(8, 8, 1))
-    with pytest.raises(ValueError, match=r"unknown activation 'swish'; valid: relu, gelu, tanh, silu"):
+    with pytest.raises(
+        ValueError, match=r"unknown activation 'swish'; valid: relu, gelu, tanh, silu"
+    ):
         models.mlp(input_shape=(4,), activation="swish")
     with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
         models.create("mlp", input_shape=(4,), activation="swish")
@@ -303,7 +305,9 @@ def test_apply_rejects_mismatched_inputs() -> None:
     with pytest.raises(ValueError, match=r"expects inputs of shape \(batch, \*\(6,\)\)"):
         MLP.apply(params, model_state, jnp.ones((2, 5)), train=False)
     bad = {k: v for k, v in params.items() if k != "head"}
-    with pytest.raises(ValueError, match=r"missing \['head/bias', 'head/kernel'\], unexpected \[\]"):
+    with pytest.raises(
+        ValueError, match=r"missing \['head/bias', 'head/kernel'\], unexpected \[\]"
+    ):
         MLP.apply(bad, model_state, x, train=False)
     wrong = {**params, "head": {**params["head"], "bias": jnp.zeros(3)}}
     with pytest.raises(ValueError, match=r"params head/bias has shape \(3,\), expected \(10,\)"):
@@ -330,9 +334,9 @@ def test_mlp_overfits_random_points() -> None:
         updates, o = opt.update(grads, o, p)
         return (optax.apply_updates(p, updates), o), value
 
-    (params, _), losses = jax.jit(
-        lambda p: jax.lax.scan(step, (p, opt.init(p)), None, length=200)
-    )(params)
+    (params, _), losses = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), None, length=200))(
+        params
+    )
     logits, _ = model.apply(params, model_state, x, train=False)
     assert float(losses[-1]) < 0.1 * float(losses[0])
     assert float(jnp.mean(jnp.argmax(logits, -1) == y)) == 1.0

@@ -45,9 +45,7 @@ class _MLP(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}"
-            )
+            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
         _check_dropout(dropout)
         self.depth = len(widths)
         self.activation = activation
@@ -184,7 +182,7 @@ class Model:
         """float32 logits for a batch ``x`` of shape ``(batch, *input_shape)``, and the new
         model_state (batch stats updated only when ``train``). ``rng`` drives dropout and is
         required when ``train`` and dropout > 0."""
-        if tuple(x.shape[1:]) != tuple(self.input_shape):
+        if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"{self.name} expects inputs of shape (batch, *{self.input_shape}), got {x.shape}"
             )

@@ -140,12 +140,24 @@ def epoch_batches(rng: jax.Array, epoch: jax.Array, n: int, batch_size: int) -> 
 
 
 def run_steps(
-    step: Callable, state: TrainState, x: jax.Array, y: jax.Array, batch_size: int, length: int
+    step: Callable,
+    state: TrainState,
+    x: jax.Array,
+    y: jax.Array,
+    batch_size: int,
+    length: int,
+    rows: jax.Array | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """``length`` steps from ``state.step`` as one ``lax.scan``, all within one epoch."""
-    steps_per_epoch = x.shape[0] // batch_size
-    idx = epoch_batches(state.rng, state.step // steps_per_epoch, x.shape[0], batch_size)
+    """``length`` steps from ``state.step`` as one ``lax.scan``, all within one epoch.
+
+    ``rows`` (optional) restricts training to those example indices (a fold), so
+    vmapped members can train on different subsets of one copy of the data."""
+    n = x.shape[0] if rows is None else rows.shape[0]
+    steps_per_epoch = n // batch_size
+    idx = epoch_batches(state.rng, state.step // steps_per_epoch, n, batch_size)
     idx = jax.lax.dynamic_slice_in_dim(idx, state.step % steps_per_epoch, length)
+    if rows is not None:
+        idx = rows[idx]
 
     def body(state, i):
         return step(state, {"x": x[i], "y": y[i]})
