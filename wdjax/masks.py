@@ -31,7 +31,7 @@ import fnmatch
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +126,7 @@ def match(*patterns: str) -> Selector:
 
 def regex(*patterns: str) -> Selector:
     """Leaves whose path contains a match of any regular expression (``re.search``)."""
-    compiled = {p: re.compile(p) for p in patterns}
+    compiled = {p: re.compile(p) for p in patterns if isinstance(p, str)}
     return _pattern_selector("regex", patterns, lambda p, path: compiled[p].search(path) is not None)
 
 
@@ -259,9 +259,13 @@ def resolve(params: Params, mask: Any = None) -> list[bool]:
 def check_rate_arg(rate: Any, what: str = "rate") -> None:
     """Check every concrete value of a scalar, schedule, rate pytree or :class:`RateMap`
     (a RateMap was checked when built)."""
-    if not isinstance(rate, RateMap):
-        for leaf in jax.tree.leaves(rate):
-            check_rate(leaf, what)
+    if isinstance(rate, RateMap):
+        return
+    leaves = jax.tree.leaves(rate)
+    if not leaves:
+        raise ValueError(f"{what} must be a number, a schedule, a pytree of rates or masks.rates(...), got {rate!r}")
+    for leaf in leaves:
+        check_rate(leaf, what)
 
 
 def _is_scalar(rate: Any) -> bool:
@@ -333,11 +337,12 @@ class Table:
 
 
 def describe(
-    params: Params, mask: Any = None, rate: Any = 1.0, *, file: TextIO | None = sys.stdout
+    params: Params, mask: Any = None, rate: Any = 1.0, *, file: TextIO | Literal["stdout"] | None = "stdout"
 ) -> Table:
     """Tabulate every leaf's path, shape, dtype, size and rate, print it to ``file``
-    (``None``: don't print) and return it. ``mask`` may also be a :class:`RateMap`,
-    which then gives the rates: ``describe(params, rates({...}))``."""
+    (``"stdout"``: ``sys.stdout`` when called, so redirection works; ``None``: don't
+    print) and return it. ``mask`` may also be a :class:`RateMap`, which then gives
+    the rates: ``describe(params, rates({...}))``."""
     if isinstance(mask, RateMap):
         mask, rate = None, mask
     per_leaf = leaf_rates(params, rate, mask)
@@ -353,5 +358,5 @@ def describe(
     )
     table = Table(rows)
     if file is not None:
-        print(table, file=file)
+        print(table, file=sys.stdout if file == "stdout" else file)
     return table

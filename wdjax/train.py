@@ -105,7 +105,7 @@ def make_train_step(
         logits, model_state = aux.pop("aux")
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(total)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
         new_state = TrainState(
@@ -262,10 +262,14 @@ def fit(
     return FitResult(best[1] if best[1] is not None else state, history)
 
 
+# Epoch records hold the mean over the epoch's steps, except these: their last value.
+_LAST = ("learning_rate", "weight_decay", "skipped", "weight_norm", "weight_norm_decayed", "weight_norm_other", "zero_fraction")
+
+
 def _epoch_record(model: Any, state: TrainState, data: Any, per_step: dict, epoch: int) -> dict[str, float]:
     val = evaluate(model, state.params, state.model_state, data.x_val, data.y_val)
     means = {k: float(np.mean(v)) for k, v in per_step.items()}
-    last = {k: float(per_step[k][-1]) for k in ("learning_rate", "weight_decay", "skipped", "weight_norm", "zero_fraction")}
+    last = {k: float(per_step[k][-1]) for k in _LAST}
     return {"epoch": epoch, "step": int(state.step), **means, **last, "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
 
 

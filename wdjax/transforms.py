@@ -68,9 +68,11 @@ def _leafwise(
     def init_fn(params: Params) -> DecayState:
         if anchor is not None:
             _aligned(params, anchor, "anchor")
+        count = jnp.zeros([], jnp.int32)
+        rates = masks.leaf_rates(params, _at(rate, count), mask)  # validates mask and rates now
         if check_init is not None:
-            check_init(params, masks.leaf_rates(params, _at(rate, jnp.zeros([], jnp.int32)), mask))
-        return DecayState(jnp.zeros([], jnp.int32), anchor)
+            check_init(params, rates)
+        return DecayState(count, anchor)
 
     def update_fn(updates: Params, state: DecayState, params: Params | None = None):
         if params is None:
@@ -222,7 +224,7 @@ def l1_proximal(rate: Any, learning_rate: ScalarOrSchedule, mask: Any = None) ->
         def step(u: jax.Array, w: jax.Array, r: Any, _: Any) -> jax.Array:
             z = _f32(w) + _f32(u)
             shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - eta * r, 0.0)
-            return (shrunk - _f32(w)).astype(u.dtype)
+            return jnp.where(shrunk == z, u, (shrunk - _f32(w)).astype(u.dtype))  # exact where unmoved
 
         return step
 
@@ -239,8 +241,7 @@ def max_norm(max_value: float, axis: int | tuple[int, ...] = 0, mask: Any = None
         def step(u: jax.Array, w: jax.Array, r: Any, _: Any) -> jax.Array:
             z = _f32(w) + _f32(u)
             norm = jnp.sqrt(jnp.sum(z * z, axis=axis, keepdims=True))
-            scale = jnp.where(norm > max_value, max_value / jnp.maximum(norm, 1e-30), 1.0)
-            return (z * scale - _f32(w)).astype(u.dtype)
+            return jnp.where(norm > max_value, (z * (max_value / norm) - _f32(w)).astype(u.dtype), u)
 
         return step
 
