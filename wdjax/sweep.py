@@ -51,7 +51,15 @@ import optax
 from wdjax import data as data_lib
 from wdjax import models, optimizers
 from wdjax._checks import check_rate
-from wdjax.train import Metrics, TrainState, _progress, chunks, init_state, make_train_step, run_steps
+from wdjax.train import (
+    Metrics,
+    TrainState,
+    _progress,
+    chunks,
+    init_state,
+    make_train_step,
+    run_steps,
+)
 
 HYPERPARAMS = ("weight_decay", "learning_rate", "l1")
 CPU_MEMORY_BUDGET = 4 << 30  # bytes for a sweep's members where the device reports no limit
@@ -60,7 +68,9 @@ Select = Literal["best", "one_se"]
 Metric = Literal["accuracy", "loss"]
 
 
-def kfold_rows(y: np.ndarray, folds: int, seed: int = 0, stratified: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def kfold_rows(
+    y: np.ndarray, folds: int, seed: int = 0, stratified: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices ``(train, held_out)`` of shapes ``(folds, (folds−1)·m)`` and ``(folds, m)``,
     ``m = ⌊n/folds⌋``: a seeded permutation (sorted by class when ``stratified``, so each
     fold gets every class in proportion to within one row) dealt round-robin into folds;
@@ -76,7 +86,9 @@ def kfold_rows(y: np.ndarray, folds: int, seed: int = 0, stratified: bool = True
     return train, held
 
 
-def member_bytes(model: models.Model, optimizer: optax.GradientTransformation, batch_size: int) -> int:
+def member_bytes(
+    model: models.Model, optimizer: optax.GradientTransformation, batch_size: int
+) -> int:
     """Bytes one member needs: its :class:`TrainState` plus every intermediate value of one
     train step on a batch (the sum over the step's jaxpr, an upper bound on its live
     activations; evaluation uses batches of the same size and no backward pass)."""
@@ -107,7 +119,14 @@ def memory_budget() -> int:
     return int(DEVICE_MEMORY_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
 
 
-def _evaluate(model: models.Model, state: TrainState, x: jax.Array, y: jax.Array, rows: jax.Array | None, batch_size: int) -> tuple[jax.Array, jax.Array]:
+def _evaluate(
+    model: models.Model,
+    state: TrainState,
+    x: jax.Array,
+    y: jax.Array,
+    rows: jax.Array | None,
+    batch_size: int,
+) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy and accuracy over ``x[rows]`` (all of ``x`` if ``rows`` is None), in
     eval mode, as a scan over batches (the last one padded and masked out)."""
     rows = jnp.arange(x.shape[0]) if rows is None else rows
@@ -152,13 +171,27 @@ class SweepResult:
 
     def table(self) -> str:
         """Every setting, mean ± std over its runs; the chosen one starred."""
-        head = ["", "weight_decay", "learning_rate", "l1", "n", "train_acc", "val_acc", "val_loss", "weight_norm", "zeros"]
+        head = [
+            "",
+            "weight_decay",
+            "learning_rate",
+            "l1",
+            "n",
+            "train_acc",
+            "val_acc",
+            "val_loss",
+            "weight_norm",
+            "zeros",
+        ]
         rows = [
             [
                 "*" if i == self.chosen_index else "",
                 *(f"{s[h]:.3g}" if s[h] is not None else "-" for h in HYPERPARAMS),
                 str(s["n"]),
-                *(f"{s[k + '_mean']:.4f}±{s[k + '_std']:.4f}" for k in ("accuracy", "val_accuracy", "val_loss")),
+                *(
+                    f"{s[k + '_mean']:.4f}±{s[k + '_std']:.4f}"
+                    for k in ("accuracy", "val_accuracy", "val_loss")
+                ),
                 f"{s['weight_norm_mean']:.3g}",
                 f"{s['zero_fraction_mean']:.3f}",
             ]
@@ -169,7 +202,9 @@ class SweepResult:
         c = self.config
         rule = "largest λ within one SE of the best" if c["select"] == "one_se" else "best"
         how = f"{rule} mean val_{c['metric']} over {c['runs_per_setting']} run(s)"
-        picked = ", ".join(f"{h}={self.chosen[h]:.3g}" for h in HYPERPARAMS if self.chosen[h] is not None)
+        picked = ", ".join(
+            f"{h}={self.chosen[h]:.3g}" for h in HYPERPARAMS if self.chosen[h] is not None
+        )
         return "\n".join([*lines, f"chosen ({how}): {picked}"])
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -198,28 +233,45 @@ class SweepResult:
             grid = np.full((len(lrs), len(wds)), np.nan)
             for s in self.settings:
                 if s["l1"] == self.chosen["l1"]:
-                    grid[lrs.index(s["learning_rate"]), wds.index(s["weight_decay"])] = s["val_accuracy_mean"]
+                    grid[lrs.index(s["learning_rate"]), wds.index(s["weight_decay"])] = s[
+                        "val_accuracy_mean"
+                    ]
             image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
             ax.set_xticks(range(len(wds)), [f"{w:.3g}" for w in wds])
             ax.set_yticks(range(len(lrs)), [f"{r:.3g}" for r in lrs])
             for (r, w), value in np.ndenumerate(grid):
                 ax.text(w, r, f"{value:.3f}", ha="center", va="center", color="w", fontsize=8)
-            chosen = (wds.index(self.chosen["weight_decay"]), lrs.index(self.chosen["learning_rate"]))
+            chosen = (
+                wds.index(self.chosen["weight_decay"]),
+                lrs.index(self.chosen["learning_rate"]),
+            )
             ax.plot(*chosen, "r*", markersize=14)
             ax.set(xlabel="weight decay λ", ylabel="learning rate η")
             fig.colorbar(image, label="mean validation accuracy")
         else:
             for key, group in itertools.groupby(
-                sorted(self.settings, key=lambda s: (s["learning_rate"], s["l1"] or 0.0, s["weight_decay"])),
+                sorted(
+                    self.settings,
+                    key=lambda s: (s["learning_rate"], s["l1"] or 0.0, s["weight_decay"]),
+                ),
                 key=lambda s: (s["learning_rate"], s["l1"]),
             ):
                 group = list(group)
                 ax.errorbar(
-                    [s["weight_decay"] for s in group], [s["val_accuracy_mean"] for s in group],
-                    yerr=[s["val_accuracy_std"] for s in group], marker="o", capsize=3,
+                    [s["weight_decay"] for s in group],
+                    [s["val_accuracy_mean"] for s in group],
+                    yerr=[s["val_accuracy_std"] for s in group],
+                    marker="o",
+                    capsize=3,
                     label=f"η={key[0]:.3g}" + (f", l1={key[1]:.3g}" if key[1] is not None else ""),
                 )
-            ax.plot(self.chosen["weight_decay"], self.chosen["val_accuracy_mean"], "r*", markersize=14, label="chosen")
+            ax.plot(
+                self.chosen["weight_decay"],
+                self.chosen["val_accuracy_mean"],
+                "r*",
+                markersize=14,
+                label="chosen",
+            )
             positive = [w for w in wds if w > 0]
             if positive:
                 ax.set_xscale("symlog", linthresh=min(positive))
@@ -239,7 +291,14 @@ def _finite(obj: Any) -> Any:
     return obj.item() if isinstance(obj, np.generic) else obj
 
 
-def select_setting(mean: np.ndarray, se: np.ndarray, weight_decay: np.ndarray, group: np.ndarray, metric: Metric, select: Select) -> int:
+def select_setting(
+    mean: np.ndarray,
+    se: np.ndarray,
+    weight_decay: np.ndarray,
+    group: np.ndarray,
+    metric: Metric,
+    select: Select,
+) -> int:
     """The chosen setting: the best mean validation ``metric`` (``select="best"``), or the
     largest λ — the most regularized — whose mean is within one standard error of the best
     one's, among settings that share its other hyperparameters ``group`` (``"one_se"``)."""
@@ -266,7 +325,12 @@ class _Data:
     @classmethod
     def of(cls, ds: data_lib.Dataset, folds: int | None, seed: int, stratified: bool) -> _Data:
         if not folds:
-            return cls(*map(jnp.asarray, (ds.x_train, ds.y_train)), None, *map(jnp.asarray, (ds.x_val, ds.y_val)), None)
+            return cls(
+                *map(jnp.asarray, (ds.x_train, ds.y_train)),
+                None,
+                *map(jnp.asarray, (ds.x_val, ds.y_val)),
+                None,
+            )
         x, y = np.concatenate([ds.x_train, ds.x_val]), np.concatenate([ds.y_train, ds.y_val])
         rows, held = kfold_rows(y, folds, seed, stratified)
         x, y = jnp.asarray(x), jnp.asarray(y)
@@ -295,7 +359,9 @@ def _train(
     step = make_train_step(model, opt)
     steps_per_epoch = d.n_train // batch_size
 
-    inits = {seed: init_state(model, opt, jax.random.PRNGKey(seed)) for seed in np.unique(seeds).tolist()}
+    inits = {
+        seed: init_state(model, opt, jax.random.PRNGKey(seed)) for seed in np.unique(seeds).tolist()
+    }
 
     def init(members: np.ndarray) -> TrainState:
         """Stacked states of ``members``: ``fit``'s init of their seeds, then their hyperparams."""
@@ -304,11 +370,23 @@ def _train(
         return state._replace(opt_state=optax.tree_utils.tree_set(state.opt_state, **hyper_of))
 
     @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
-    def run_epoch(state: TrainState, rows: jax.Array | None, held: jax.Array | None, length: int) -> tuple[TrainState, Metrics]:
-        state, m = jax.vmap(lambda s, r: run_steps(step, s, d.x, d.y, batch_size, length, r))(state, rows)
-        val = jax.vmap(lambda s, r: _evaluate(model, s, d.x_eval, d.y_eval, r, batch_size))(state, held)
+    def run_epoch(
+        state: TrainState, rows: jax.Array | None, held: jax.Array | None, length: int
+    ) -> tuple[TrainState, Metrics]:
+        state, m = jax.vmap(lambda s, r: run_steps(step, s, d.x, d.y, batch_size, length, r))(
+            state, rows
+        )
+        val = jax.vmap(lambda s, r: _evaluate(model, s, d.x_eval, d.y_eval, r, batch_size))(
+            state, held
+        )
         last = {k: m[k][:, -1] for k in ("weight_norm", "zero_fraction", "skipped")}
-        return state, {"loss": m["loss"].mean(1), "accuracy": m["accuracy"].mean(1), **last, "val_loss": val[0], "val_accuracy": val[1]}
+        return state, {
+            "loss": m["loss"].mean(1),
+            "accuracy": m["accuracy"].mean(1),
+            **last,
+            "val_loss": val[0],
+            "val_accuracy": val[1],
+        }
 
     n = len(seeds)
     n_chunks = -(-n // chunk_size)
@@ -319,15 +397,21 @@ def _train(
         members = np.minimum(np.arange(c * chunk_size, (c + 1) * chunk_size), n - 1)
         real = min(chunk_size, n - c * chunk_size)
         state = init(members)
-        rows, held = (None if r is None else jnp.asarray(r[folds[members]]) for r in (d.rows, d.held))
+        rows, held = (
+            None if r is None else jnp.asarray(r[folds[members]]) for r in (d.rows, d.held)
+        )
         epochs_done = []
         for length in chunks(0, epochs * steps_per_epoch, steps_per_epoch, None):
             state, record = run_epoch(state, rows, held, length)
             epochs_done.append({k: v[:real] for k, v in jax.device_get(record).items()})
             bar.update(1)
-            bar.set_postfix(chunk=f"{c + 1}/{n_chunks}", val_acc=f"{epochs_done[-1]['val_accuracy'].mean():.3f}")
+            bar.set_postfix(
+                chunk=f"{c + 1}/{n_chunks}", val_acc=f"{epochs_done[-1]['val_accuracy'].mean():.3f}"
+            )
         history.append({k: np.stack([e[k] for e in epochs_done], axis=1) for k in epochs_done[0]})
-        finals.append(jax.tree.map(lambda a: np.asarray(a[:real]), (state.params, state.model_state)))
+        finals.append(
+            jax.tree.map(lambda a: np.asarray(a[:real]), (state.params, state.model_state))
+        )
     bar.close()
     params, model_state = jax.tree.map(lambda *a: np.concatenate(a), *finals)
     return {k: np.concatenate([h[k] for h in history]) for k in history[0]}, params, model_state
@@ -370,22 +454,42 @@ def sweep(
     ``select``/``metric``: see :func:`select_setting`. ``chunk_size``: members trained at
     once (default: as many as :func:`member_bytes` and :func:`memory_budget` allow)."""
     if select not in ("best", "one_se") or metric not in ("accuracy", "loss"):
-        raise ValueError(f"select must be 'best' or 'one_se' and metric 'accuracy' or 'loss', got {select!r}, {metric!r}")
+        raise ValueError(
+            f"select must be 'best' or 'one_se' and metric 'accuracy' or 'loss', got {select!r}, {metric!r}"
+        )
     ds = data_lib.load(data) if isinstance(data, str) else data
     if isinstance(model, str):
-        model = models.create(model, input_shape=ds.input_shape, num_classes=ds.num_classes, **(model_config or {}))
-    grid = {"weight_decay": list(weight_decay), "learning_rate": list(learning_rate), "l1": [None] if l1 is None else list(l1)}
+        model = models.create(
+            model, input_shape=ds.input_shape, num_classes=ds.num_classes, **(model_config or {})
+        )
+    grid = {
+        "weight_decay": list(weight_decay),
+        "learning_rate": list(learning_rate),
+        "l1": [None] if l1 is None else list(l1),
+    }
     for name, values in grid.items():
         if not values:
             raise ValueError(f"{name} needs at least one value")
         for v in values:
             if v is not None:
                 check_rate(v, name)
-    opt = optimizers.create(optimizer, grid["learning_rate"][0], grid["weight_decay"][0], l1=grid["l1"][0], **(optimizer_config or {}))
-    settings = list(itertools.product(*grid.values()))  # λ outermost: setting s has λ index s // group_size
+    opt = optimizers.create(
+        optimizer,
+        grid["learning_rate"][0],
+        grid["weight_decay"][0],
+        l1=grid["l1"][0],
+        **(optimizer_config or {}),
+    )
+    settings = list(
+        itertools.product(*grid.values())
+    )  # λ outermost: setting s has λ index s // group_size
     runs = list(itertools.product(range(len(settings)), seeds, range(folds or 1)))
     setting_of, seed_of, fold_of = (np.array(v) for v in zip(*runs))
-    hyper = {h: np.array([settings[s][i] for s in setting_of], np.float32) for i, h in enumerate(HYPERPARAMS) if grid[h][0] is not None}
+    hyper = {
+        h: np.array([settings[s][i] for s in setting_of], np.float32)
+        for i, h in enumerate(HYPERPARAMS)
+        if grid[h][0] is not None
+    }
 
     d = _Data.of(ds, folds, fold_seed, stratified)
     batch_size = min(batch_size, d.n_train)
@@ -393,21 +497,42 @@ def sweep(
         chunk_size = memory_budget() // member_bytes(model, opt, batch_size)
     chunk_size = max(1, min(chunk_size, len(runs)))
     history, params, model_state = _train(
-        model, opt, d, hyper, seed_of.astype(np.int32), fold_of,
-        epochs=epochs, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
+        model,
+        opt,
+        d,
+        hyper,
+        seed_of.astype(np.int32),
+        fold_of,
+        epochs=epochs,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        progress=progress,
     )
 
     final = {k: v[:, -1] for k, v in history.items()}
     members = [
-        {"setting": int(s), **dict(zip(HYPERPARAMS, settings[s])), "seed": int(seed), "fold": int(f) if folds else None, **{k: float(v[i]) for k, v in final.items()}}
+        {
+            "setting": int(s),
+            **dict(zip(HYPERPARAMS, settings[s])),
+            "seed": int(seed),
+            "fold": int(f) if folds else None,
+            **{k: float(v[i]) for k, v in final.items()},
+        }
         for i, (s, seed, f) in enumerate(runs)
     ]
     rows = []
     for s, values in enumerate(settings):
-        stats = {f"{k}_{name}": x for k, v in final.items() if k != "skipped" for name, x in _stats(v[setting_of == s]).items()}
+        stats = {
+            f"{k}_{name}": x
+            for k, v in final.items()
+            if k != "skipped"
+            for name, x in _stats(v[setting_of == s]).items()
+        }
         rows.append({**dict(zip(HYPERPARAMS, values)), "n": int(np.sum(setting_of == s)), **stats})
     key = f"val_{metric}"
-    group_size = len(settings) // len(grid["weight_decay"])  # settings sharing (η, α) are s ≡ g mod group_size
+    group_size = len(settings) // len(
+        grid["weight_decay"]
+    )  # settings sharing (η, α) are s ≡ g mod group_size
     chosen = select_setting(
         np.array([r[f"{key}_mean"] for r in rows]),
         np.array([r[f"{key}_se"] for r in rows]),
@@ -417,10 +542,22 @@ def sweep(
         select,
     )
     config = {
-        "dataset": ds.name, "model": model.name, "model_config": dict(model.config),
-        "optimizer": optimizer, "optimizer_config": dict(optimizer_config or {}), **grid,
-        "seeds": list(seeds), "folds": folds, "fold_seed": fold_seed, "stratified": stratified,
-        "epochs": epochs, "batch_size": batch_size, "select": select, "metric": metric,
-        "chunk_size": chunk_size, "members": len(runs), "runs_per_setting": len(runs) // len(settings),
+        "dataset": ds.name,
+        "model": model.name,
+        "model_config": dict(model.config),
+        "optimizer": optimizer,
+        "optimizer_config": dict(optimizer_config or {}),
+        **grid,
+        "seeds": list(seeds),
+        "folds": folds,
+        "fold_seed": fold_seed,
+        "stratified": stratified,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "select": select,
+        "metric": metric,
+        "chunk_size": chunk_size,
+        "members": len(runs),
+        "runs_per_setting": len(runs) // len(settings),
     }
     return SweepResult(rows, members, history, params, model_state, chosen, config)
