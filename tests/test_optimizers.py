@@ -5,6 +5,8 @@ masked-out-leaves-are-untouched property."""
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,44 +28,60 @@ KERNELS = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731  (Optax
 
 
 def test_adamw_matches_optax_adamw_over_a_trajectory():
-    ours = trajectory(wdjax.adamw(3e-3, 0.1, mask=masks.default()), steps=120)
+    ours = trajectory(wdjax.adamw(3e-3, 0.1), steps=120)  # the default mask: kernels only
     theirs = trajectory(optax.adamw(3e-3, weight_decay=0.1, mask=KERNELS), steps=120)
     assert max_rel_err(ours, theirs) < 1e-5
     no_decay = trajectory(optax.adam(3e-3), steps=120)
     assert max_rel_err(no_decay, theirs) > 1e-3  # the decay matters, so the parity means something
-    # and the default mask is kernels only
-    unmasked = trajectory(optax.adamw(3e-3, weight_decay=0.1), steps=120)
-    assert max_rel_err(trajectory(wdjax.adamw(3e-3, 0.1), steps=120), theirs) < 1e-5
-    assert max_rel_err(unmasked, theirs) > 1e-4
 
 
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [
-        (wdjax.adam_l2(1e-2, 0.1, mask=masks.ALL),
-         optax.chain(optax.add_decayed_weights(0.1), optax.adam(1e-2))),
-        (wdjax.sgd_l2(0.1, 0.1, momentum=0.9, mask=masks.ALL),
-         optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9))),
-        (wdjax.sgdw(0.1, 0.1, momentum=0.9, nesterov=True),
-         optax.chain(optax.sgd(0.1, momentum=0.9, nesterov=True), optax.add_decayed_weights(-0.1 * 0.1, KERNELS))),
+        (
+            wdjax.adam_l2(1e-2, 0.1, mask=masks.ALL),
+            optax.chain(optax.add_decayed_weights(0.1), optax.adam(1e-2)),
+        ),
+        (
+            wdjax.sgd_l2(0.1, 0.1, momentum=0.9, mask=masks.ALL),
+            optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9)),
+        ),
+        (
+            wdjax.sgdw(0.1, 0.1, momentum=0.9, nesterov=True),
+            optax.chain(
+                optax.sgd(0.1, momentum=0.9, nesterov=True),
+                optax.add_decayed_weights(-0.1 * 0.1, KERNELS),
+            ),
+        ),
         (wdjax.lionw(1e-3, 1.0), optax.lion(1e-3, weight_decay=1.0, mask=KERNELS)),
-        (wdjax.adamw(1e-2, 0.1, nesterov=True, mask=masks.ALL), optax.nadamw(1e-2, weight_decay=0.1)),
+        (
+            wdjax.adamw(1e-2, 0.1, nesterov=True, mask=masks.ALL),
+            optax.nadamw(1e-2, weight_decay=0.1),
+        ),
     ],
     ids=["adam_l2", "sgd_l2", "sgdw", "lionw", "nadamw"],
-)  # fmt: skip
+)
 def test_optimizers_are_the_documented_chains(ours, theirs):
-    assert max_rel_err(trajectory(ours, steps=30), trajectory(theirs, steps=30)) < 1e-5
+    assert max_rel_err(trajectory(ours, steps=20), trajectory(theirs, steps=20)) < 1e-5
 
 
 def test_lr_couplings_inside_the_optimizer():
     sched = optax.linear_schedule(1e-2, 1e-3, 3)
-    for coupling, c in [("schedule", lambda eta: eta / 2e-2), ("corrected", lambda eta: eta**2 / 2e-2),
-                        ("constant", lambda eta: 1.0), ("lr", lambda eta: eta)]:  # fmt: skip
+    for coupling, c in [
+        ("schedule", lambda eta: eta / 2e-2),
+        ("corrected", lambda eta: eta**2 / 2e-2),
+        ("constant", lambda eta: 1.0),
+        ("lr", lambda eta: eta),
+    ]:
         tx = wdjax.sgdw(sched, 0.5, mask=masks.ALL, lr_coupling=coupling, max_learning_rate=2e-2)
         state = tx.init(P)
         for t in range(3):
             out, state = tx.update(ZEROS, state, P)  # zero gradient: the update is the decay alone
-            np.testing.assert_allclose(out["head"]["kernel"], -c(float(sched(t))) * 0.5 * f32(P["head"]["kernel"]), rtol=1e-5)
+            np.testing.assert_allclose(
+                out["head"]["kernel"],
+                -c(float(sched(t))) * 0.5 * f32(P["head"]["kernel"]),
+                rtol=1e-5,
+            )
 
 
 def test_l1_and_cautious_options():
@@ -71,14 +89,18 @@ def test_l1_and_cautious_options():
     state = tx.init(P)
     assert set(state.hyperparams) == {"learning_rate", "weight_decay", "l1"}
     new = optax.apply_updates(P, tx.update(ZEROS, state, P)[0])
-    for n, w in zip(jax.tree.leaves(new), jax.tree.leaves(P)):
-        np.testing.assert_allclose(n, np.sign(f32(w)) * np.maximum(np.abs(f32(w)) - 1.0, 0), atol=1e-7)
+    for n, w in zip(jax.tree.leaves(new), jax.tree.leaves(P), strict=True):
+        np.testing.assert_allclose(
+            n, np.sign(f32(w)) * np.maximum(np.abs(f32(w)) - 1.0, 0), atol=1e-7
+        )
     assert sum(int((f32(n) == 0.0).sum()) for n in jax.tree.leaves(new)) == 5  # exact zeros
 
     tx = wdjax.sgdw(0.1, 1.0, mask=masks.ALL, cautious=True)
     grads = jax.tree.map(lambda x: -jnp.ones_like(x), P)  # the step raises every weight by 0.1
     out = tx.update(grads, tx.init(P), P)[0]
-    for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(P)):  # so decay only where w < 0
+    for o, w in zip(
+        jax.tree.leaves(out), jax.tree.leaves(P), strict=True
+    ):  # so decay only where w < 0
         np.testing.assert_allclose(o, np.where(f32(w) < 0, 0.1 - 0.1 * f32(w), 0.1), rtol=1e-6)
 
 
@@ -100,7 +122,7 @@ def test_weight_decay_changes_without_recompiling(name):
 
     results = [step(MLP0, state0, wd)[0] for wd in (0.0, 0.1, 1.0, 0.5)]
     assert step._cache_size() == 1
-    for a, b in zip(results, results[1:]):
+    for a, b in itertools.pairwise(results):
         assert bits(a) != bits(b)
     _, state = step(MLP0, state0, 0.7)
     assert float(optax.tree_utils.tree_get(state, "weight_decay")) == pytest.approx(0.7)
@@ -109,7 +131,7 @@ def test_weight_decay_changes_without_recompiling(name):
     lams = jnp.array([0.0, 0.1, 1.0, 0.5])
     swept = jax.vmap(step, in_axes=(None, None, 0))(MLP0, state0, lams)[0]
     for i, alone in enumerate(results):
-        for s, a in zip(jax.tree.leaves(swept), jax.tree.leaves(alone)):
+        for s, a in zip(jax.tree.leaves(swept), jax.tree.leaves(alone), strict=True):
             np.testing.assert_allclose(s[i], a, rtol=1e-6, atol=1e-7)
 
 
@@ -135,11 +157,13 @@ def test_optax_inject_hyperparams_trap_and_wdjax_callable_mask():
     np.testing.assert_allclose(updates["w"], -0.05 * np.ones((2, 2)), rtol=1e-6)  # decayed: −η·λ·w
     np.testing.assert_array_equal(updates["b"], np.zeros(2))  # not selected, not decayed
     state = optax.tree_utils.tree_set(state, weight_decay=1.0)
-    np.testing.assert_allclose(ours.update(zero_grads, state, params)[0]["w"], -0.1 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(
+        ours.update(zero_grads, state, params)[0]["w"], -0.1 * np.ones((2, 2)), rtol=1e-6
+    )
 
 
 @PROPERTY
-@given(data=float_trees(), name=st.sampled_from(sorted(OPTIMIZERS)), steps=st.integers(5, 20))
+@given(data=float_trees(), name=st.sampled_from(sorted(OPTIMIZERS)), steps=st.integers(3, 10))
 def test_masked_out_leaves_stay_bit_identical(data, name, steps):
     params, like = data
     leaves = jax.tree.leaves(params)
@@ -149,7 +173,7 @@ def test_masked_out_leaves_stay_bit_identical(data, name, steps):
     mask = jax.tree.unflatten(jax.tree.structure(params), [bool(c) for c in chosen])
     grads = jax.tree.map(lambda *g: jnp.stack(g), *[like(params) for _ in range(steps)])
 
-    def run(mask):
+    def run(params, mask):
         extra = {"momentum": 0.9} if "sgd" in name else {}
         tx = create(name, 1e-2, 0.5, mask=mask, **extra)
 
@@ -158,10 +182,10 @@ def test_masked_out_leaves_stay_bit_identical(data, name, steps):
             u, s = tx.update(g, s, p)
             return (optax.apply_updates(p, u), s), None
 
-        return jax.tree.leaves(jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), grads)[0][0])(params))
+        return jax.tree.leaves(jax.lax.scan(body, (params, tx.init(params)), grads)[0][0])
 
-    decayed, undecayed = run(mask), run(masks.NONE)
-    for c, a, b in zip(chosen, decayed, undecayed):
+    decayed, undecayed = jax.jit(lambda p: (run(p, mask), run(p, masks.NONE)))(params)
+    for c, a, b in zip(chosen, decayed, undecayed, strict=True):
         if c:
             assert bits(a) != bits(b)  # the decay did act on the selected leaves
         else:
@@ -172,7 +196,9 @@ def test_masked_out_leaves_stay_bit_identical(data, name, steps):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize(("bad", "msg"), [(-1e-4, "must be >= 0"), (float("nan"), "must be finite")])
+@pytest.mark.parametrize(
+    ("bad", "msg"), [(-1e-4, "must be >= 0"), (float("nan"), "must be finite")]
+)
 def test_bad_hyperparameters_raise(name, bad, msg):
     with pytest.raises(ValueError, match=f"weight_decay {msg}"):
         create(name, 1e-3, bad)
@@ -185,15 +211,22 @@ def test_bad_hyperparameters_raise(name, bad, msg):
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="lr_coupling must be one of"):
         wdjax.adamw(1e-3, 1e-4, lr_coupling="inverse")
-    with pytest.raises(ValueError, match="lr_coupling='schedule' with a schedule needs max_learning_rate="):
+    with pytest.raises(
+        ValueError, match="lr_coupling='schedule' with a schedule needs max_learning_rate="
+    ):
         wdjax.lionw(optax.cosine_decay_schedule(1e-3, 10), 1e-4, lr_coupling="schedule")
     with pytest.raises(ValueError, match="momentum must be >= 0"):
         wdjax.sgd_l2(0.1, 1e-4, momentum=-0.9)
-    with pytest.raises(ValueError, match="unknown optimizer 'adagradw'; choose one of adamw, adam_l2, sgdw, sgd_l2, lionw"):
+    with pytest.raises(
+        ValueError,
+        match="unknown optimizer 'adagradw'; choose one of adamw, adam_l2, sgdw, sgd_l2, lionw",
+    ):
         create("adagradw", 1e-3, 1e-4)
     with pytest.raises(ValueError, match="mask pattern 'conv\\*' matches no parameter"):
         wdjax.adamw(1e-3, 1e-4, mask="conv*").init(P)
-    with pytest.raises(ValueError, match="mask leaves must be Python bools, got float at 'dense/bias'"):
+    with pytest.raises(
+        ValueError, match="mask leaves must be Python bools, got float at 'dense/bias'"
+    ):
         wdjax.sgdw(1e-3, 1e-4, mask={"dense": 1.0, "head": True}).init(P)
     with pytest.raises(ValueError, match="selects no floating-point parameter"):
         wdjax.adamw(1e-3, 1e-4).init({"bias": jnp.ones(3)})  # the default mask: kernels only

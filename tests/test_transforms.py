@@ -26,7 +26,7 @@ from wdjax import masks
 def init_mlp(key: jax.Array, sizes=(4, 16, 16, 3)) -> dict:
     """Plain-pytree params of a small MLP: ``{"dense0": {"kernel", "bias"}, ...}``."""
     params = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         key, k1, k2 = jax.random.split(key, 3)
         params[f"dense{i}"] = {
             "kernel": jax.random.normal(k1, (a, b)) / np.sqrt(a),
@@ -47,7 +47,9 @@ _kx, _ky = jax.random.split(jax.random.key(1))
 BATCHES = (jax.random.normal(_kx, (120, 8, 4)), jax.random.normal(_ky, (120, 8, 3)))
 
 
-def trajectory(tx: optax.GradientTransformation, loss=mse, steps: int = 50, params=MLP0, batches=BATCHES):
+def trajectory(
+    tx: optax.GradientTransformation, loss=mse, steps: int = 50, params=MLP0, batches=BATCHES
+):
     """Params after each of ``steps`` steps on a fixed batch sequence (stacked on axis 0)."""
 
     @jax.jit
@@ -66,7 +68,10 @@ def trajectory(tx: optax.GradientTransformation, loss=mse, steps: int = 50, para
 def max_rel_err(a, b) -> float:
     """max over steps and leaves of ‖a_t − b_t‖_∞ / ‖b_t‖_∞."""
     errs = jax.tree.map(
-        lambda x, y: np.max(np.abs(f32(x) - f32(y)).reshape(len(x), -1).max(1) / np.abs(f32(y)).reshape(len(y), -1).max(1)),
+        lambda x, y: np.max(
+            np.abs(f32(x) - f32(y)).reshape(len(x), -1).max(1)
+            / np.abs(f32(y)).reshape(len(y), -1).max(1)
+        ),
         a,
         b,
     )
@@ -94,12 +99,20 @@ def one_step(tx, updates=U, params=P):
 
 def test_add_l2_gradient_adds_rate_times_w_on_selected_leaves():
     out = one_step(wdjax.add_l2_gradient(0.3, masks.default()))
-    np.testing.assert_allclose(out["dense"]["kernel"], U["dense"]["kernel"] + 0.3 * P["dense"]["kernel"], rtol=1e-6)
-    np.testing.assert_allclose(out["head"]["kernel"], U["head"]["kernel"] + 0.3 * P["head"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(
+        out["dense"]["kernel"], U["dense"]["kernel"] + 0.3 * P["dense"]["kernel"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        out["head"]["kernel"], U["head"]["kernel"] + 0.3 * P["head"]["kernel"], rtol=1e-6
+    )
     assert out["dense"]["bias"] is U["dense"]["bias"] and out["head"]["bias"] is U["head"]["bias"]
     out = one_step(wdjax.add_l2_gradient(masks.rates({"head/*": 2.0}, default=0.5), masks.ALL))
-    np.testing.assert_allclose(out["dense"]["bias"], U["dense"]["bias"] + 0.5 * P["dense"]["bias"], rtol=1e-6)
-    np.testing.assert_allclose(out["head"]["bias"], U["head"]["bias"] + 2.0 * P["head"]["bias"], rtol=1e-6)
+    np.testing.assert_allclose(
+        out["dense"]["bias"], U["dense"]["bias"] + 0.5 * P["dense"]["bias"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        out["head"]["bias"], U["head"]["bias"] + 2.0 * P["head"]["bias"], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,18 +126,23 @@ def test_add_l2_gradient_adds_rate_times_w_on_selected_leaves():
 )
 def test_decoupled_lr_couplings_follow_the_schedule(coupling, c):
     sched = optax.linear_schedule(1.0, 0.2, 4)  # η_t = 1.0, 0.8, 0.6, 0.4, 0.2
-    tx = wdjax.decoupled_weight_decay(0.5, masks.ALL, learning_rate=sched, lr_coupling=coupling, max_learning_rate=2.0)
+    tx = wdjax.decoupled_weight_decay(
+        0.5, masks.ALL, learning_rate=sched, lr_coupling=coupling, max_learning_rate=2.0
+    )
     state = tx.init(P)
     for t in range(5):
         out, state = tx.update(ZEROS, state, P)
-        for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(P)):
+        for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(P), strict=True):
             np.testing.assert_allclose(o, -c(float(sched(t))) * 0.5 * f32(w), rtol=1e-6)
     assert int(state.count) == 5
 
 
 def test_schedule_coupling_with_a_constant_lr_is_lr_independent():
     for eta in (1e-3, 1.0):
-        out = one_step(wdjax.decoupled_weight_decay(0.1, masks.ALL, learning_rate=eta, lr_coupling="schedule"), ZEROS)
+        out = one_step(
+            wdjax.decoupled_weight_decay(0.1, masks.ALL, learning_rate=eta, lr_coupling="schedule"),
+            ZEROS,
+        )
         np.testing.assert_allclose(out["dense"]["kernel"], -0.1 * P["dense"]["kernel"], rtol=1e-6)
 
 
@@ -133,17 +151,25 @@ def test_rate_as_a_schedule():
     state = tx.init(P)
     for t in range(3):
         out, state = tx.update(U, state, P)
-        np.testing.assert_allclose(out["head"]["kernel"], U["head"]["kernel"] - 0.1 * (t + 1) * P["head"]["kernel"], rtol=1e-6)
+        np.testing.assert_allclose(
+            out["head"]["kernel"],
+            U["head"]["kernel"] - 0.1 * (t + 1) * P["head"]["kernel"],
+            rtol=1e-6,
+        )
 
 
 def test_cautious_decays_only_where_the_update_moves_w_toward_zero():
     rng = np.random.default_rng(1)
     w = {"k": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}
     u = {"k": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}
-    out = one_step(wdjax.decoupled_weight_decay(0.5, masks.ALL, learning_rate=0.2, cautious=True), u, w)["k"]
+    out = one_step(
+        wdjax.decoupled_weight_decay(0.5, masks.ALL, learning_rate=0.2, cautious=True), u, w
+    )["k"]
     toward_zero = f32(u["k"]) * f32(w["k"]) <= 0
     assert 10 < toward_zero.sum() < 54  # both cases occur
-    np.testing.assert_allclose(out, np.where(toward_zero, f32(u["k"]) - 0.1 * f32(w["k"]), f32(u["k"])), rtol=1e-6)
+    np.testing.assert_allclose(
+        out, np.where(toward_zero, f32(u["k"]) - 0.1 * f32(w["k"]), f32(u["k"])), rtol=1e-6
+    )
     plain = one_step(wdjax.decoupled_weight_decay(0.5, masks.ALL, learning_rate=0.2), u, w)["k"]
     assert np.any(f32(plain) != f32(out))
 
@@ -155,22 +181,28 @@ def test_decay_toward_an_anchor():
     assert bits(state.anchor) == bits(anchor)  # in the state, so it is checkpointed with it
     out, _ = tx.update(U, state, P)
     np.testing.assert_allclose(
-        out["dense"]["kernel"], U["dense"]["kernel"] - 0.2 * (P["dense"]["kernel"] - anchor["dense"]["kernel"]), rtol=1e-6
+        out["dense"]["kernel"],
+        U["dense"]["kernel"] - 0.2 * (P["dense"]["kernel"] - anchor["dense"]["kernel"]),
+        rtol=1e-6,
     )
     assert out["dense"]["bias"] is U["dense"]["bias"]
     # cautious toward the anchor: decay where u·(w − w0) <= 0
     out = one_step(wdjax.decay_toward(anchor, 0.4, masks.ALL, learning_rate=0.5, cautious=True))
     d, u = f32(P["dense"]["kernel"]) - f32(anchor["dense"]["kernel"]), f32(U["dense"]["kernel"])
-    np.testing.assert_allclose(out["dense"]["kernel"], np.where(u * d <= 0, u - 0.2 * d, u), rtol=1e-6)
+    np.testing.assert_allclose(
+        out["dense"]["kernel"], np.where(u * d <= 0, u - 0.2 * d, u), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="anchor does not have the structure of the params"):
         wdjax.decay_toward({"dense": anchor["dense"]}, 0.1, learning_rate=0.1).init(P)
 
 
 def test_l1_proximal_is_soft_thresholding():
     out = one_step(wdjax.l1_proximal(0.5, 0.4, masks.ALL))  # threshold η·λ = 0.2
-    for o, u, w in zip(jax.tree.leaves(out), jax.tree.leaves(U), jax.tree.leaves(P)):
+    for o, u, w in zip(jax.tree.leaves(out), jax.tree.leaves(U), jax.tree.leaves(P), strict=True):
         z = f32(w) + f32(u)
-        np.testing.assert_allclose(f32(w) + f32(o), np.sign(z) * np.maximum(np.abs(z) - 0.2, 0), atol=1e-6)
+        np.testing.assert_allclose(
+            f32(w) + f32(o), np.sign(z) * np.maximum(np.abs(z) - 0.2, 0), atol=1e-6
+        )
 
 
 def test_l1_proximal_gives_exact_zeros_where_the_l1_subgradient_does_not():
@@ -186,18 +218,27 @@ def test_l1_proximal_gives_exact_zeros_where_the_l1_subgradient_does_not():
         return 0.5 * jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
 
     lam, lr = 0.2, 0.05
-    prox = trajectory(optax.chain(optax.sgd(lr), wdjax.l1_proximal(lam, lr, "w")), loss, 300, params, batches)
-    sub = trajectory(optax.sgd(lr), lambda p, x, y: loss(p, x, y) + wdjax.l1(lam, "w")(p), 300, params, batches)
+    prox = trajectory(
+        optax.chain(optax.sgd(lr), wdjax.l1_proximal(lam, lr, "w")), loss, 300, params, batches
+    )
+    sub = trajectory(
+        optax.sgd(lr), lambda p, x, y: loss(p, x, y) + wdjax.l1(lam, "w")(p), 300, params, batches
+    )
     w_prox, w_sub = f32(prox["w"][-1]), f32(sub["w"][-1])
     assert (w_prox == 0.0).sum() >= 10
     assert np.all(w_prox[:3] != 0)  # the true support survives
     assert (w_sub == 0.0).sum() == 0
-    assert np.abs(w_sub[3:]).max() < 0.1  # ... although those weights are small: it only dithers around 0
+    assert (
+        np.abs(w_sub[3:]).max() < 0.1
+    )  # ... although those weights are small: it only dithers around 0
 
 
 def test_max_norm_caps_norms_like_keras_and_leaves_others_bitwise():
     rng = np.random.default_rng(2)
-    w = {"k": jnp.asarray(rng.normal(size=(6, 4)) * [0.1, 0.2, 1.0, 3.0], jnp.float32), "b": jnp.ones(4)}
+    w = {
+        "k": jnp.asarray(rng.normal(size=(6, 4)) * [0.1, 0.2, 1.0, 3.0], jnp.float32),
+        "b": jnp.ones(4),
+    }
     u = jax.tree.map(lambda x: jnp.asarray(0.01 * rng.normal(size=x.shape), x.dtype), w)
     out = one_step(wdjax.max_norm(1.0, axis=0, mask="k"), u, w)
     new = optax.apply_updates(w, out)
@@ -215,10 +256,18 @@ def test_max_norm_caps_norms_like_keras_and_leaves_others_bitwise():
 def test_traced_rates_under_jit_and_vmap():
     lam = jnp.array([0.0, 0.5, 2.0])
     out = jax.jit(jax.vmap(lambda r: one_step(wdjax.add_l2_gradient(r, masks.ALL), ZEROS)))(lam)
-    for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(P)):
-        np.testing.assert_allclose(o, np.asarray(lam).reshape(-1, *[1] * w.ndim) * f32(w), rtol=1e-6)
-    out = jax.vmap(lambda r: one_step(wdjax.decoupled_weight_decay(r, masks.ALL, learning_rate=0.5), ZEROS))(lam)
-    np.testing.assert_allclose(out["head"]["kernel"], -0.5 * np.asarray(lam)[:, None, None] * f32(P["head"]["kernel"]), rtol=1e-6)
+    for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(P), strict=True):
+        np.testing.assert_allclose(
+            o, np.asarray(lam).reshape(-1, *[1] * w.ndim) * f32(w), rtol=1e-6
+        )
+    out = jax.vmap(
+        lambda r: one_step(wdjax.decoupled_weight_decay(r, masks.ALL, learning_rate=0.5), ZEROS)
+    )(lam)
+    np.testing.assert_allclose(
+        out["head"]["kernel"],
+        -0.5 * np.asarray(lam)[:, None, None] * f32(P["head"]["kernel"]),
+        rtol=1e-6,
+    )
 
 
 # ----------------------------------------------------------------- low precision
@@ -229,7 +278,10 @@ def test_low_precision_is_computed_in_float32_and_cast_back():
     w = {"k": jnp.asarray(rng.normal(size=(64,)), jnp.bfloat16)}
     u = {"k": jnp.asarray(rng.normal(size=(64,)) * 1e-2, jnp.bfloat16)}
     for tx, rule in [
-        (wdjax.decoupled_weight_decay(0.3, masks.ALL, learning_rate=0.1), lambda u, w: u - 0.03 * w),
+        (
+            wdjax.decoupled_weight_decay(0.3, masks.ALL, learning_rate=0.1),
+            lambda u, w: u - 0.03 * w,
+        ),
         (wdjax.add_l2_gradient(0.03, masks.ALL), lambda u, w: u + 0.03 * w),
     ]:
         out = one_step(tx, u, w)["k"]
@@ -242,7 +294,9 @@ def test_low_precision_is_computed_in_float32_and_cast_back():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_warns_when_the_decay_is_below_the_dtype_resolution(dtype):
     w = {"k": jnp.full((4, 4), 1.0, dtype)}
-    with pytest.warns(RuntimeWarning, match=f"below the resolution of {jnp.dtype(dtype).name}.*at 'k'"):
+    with pytest.warns(
+        RuntimeWarning, match=f"below the resolution of {jnp.dtype(dtype).name}.*at 'k'"
+    ):
         tx = wdjax.decoupled_weight_decay(1e-4, masks.ALL, learning_rate=1e-3)
         state = tx.init(w)
     out, _ = tx.update(jax.tree.map(jnp.zeros_like, w), state, w)
@@ -251,14 +305,20 @@ def test_warns_when_the_decay_is_below_the_dtype_resolution(dtype):
         wdjax.adamw(1e-3, 1e-4, mask=masks.ALL).init(w)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        wdjax.decoupled_weight_decay(1e-1, masks.ALL, learning_rate=1e-1).init(w)  # c·λ = 1e-2: fine
-        wdjax.decoupled_weight_decay(1e-4, masks.ALL, learning_rate=1e-3).init({"k": jnp.ones((4, 4))})  # float32
+        wdjax.decoupled_weight_decay(1e-1, masks.ALL, learning_rate=1e-1).init(
+            w
+        )  # c·λ = 1e-2: fine
+        wdjax.decoupled_weight_decay(1e-4, masks.ALL, learning_rate=1e-3).init(
+            {"k": jnp.ones((4, 4))}
+        )  # float32
 
 
 # ------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize(("bad", "msg"), [(-1e-3, "must be >= 0"), (float("nan"), "must be finite")])
+@pytest.mark.parametrize(
+    ("bad", "msg"), [(-1e-3, "must be >= 0"), (float("nan"), "must be finite")]
+)
 def test_bad_rates_raise(bad, msg):
     for make in [
         lambda: wdjax.add_l2_gradient(bad),
@@ -274,17 +334,24 @@ def test_bad_rates_raise(bad, msg):
     with pytest.raises(ValueError, match=f"learning_rate {msg}"):
         wdjax.decoupled_weight_decay(0.1, learning_rate=bad)
     with pytest.raises(ValueError, match=f"max_learning_rate {msg}"):
-        wdjax.decoupled_weight_decay(0.1, learning_rate=0.1, lr_coupling="schedule", max_learning_rate=bad)
+        wdjax.decoupled_weight_decay(
+            0.1, learning_rate=0.1, lr_coupling="schedule", max_learning_rate=bad
+        )
     with pytest.raises(ValueError, match=f"max_value {msg}"):
         wdjax.max_norm(bad)
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match=r"lr_coupling must be one of \('lr', 'schedule', 'corrected', 'constant'\), got 'linear'"):
+    with pytest.raises(
+        ValueError,
+        match=r"lr_coupling must be one of \('lr', 'schedule', 'corrected', 'constant'\), got 'linear'",
+    ):
         wdjax.decoupled_weight_decay(0.1, learning_rate=0.1, lr_coupling="linear")
     sched = optax.cosine_decay_schedule(1e-3, 100)
     for coupling in ("schedule", "corrected"):
-        with pytest.raises(ValueError, match=f"lr_coupling='{coupling}' with a schedule needs max_learning_rate="):
+        with pytest.raises(
+            ValueError, match=f"lr_coupling='{coupling}' with a schedule needs max_learning_rate="
+        ):
             wdjax.decoupled_weight_decay(0.1, learning_rate=sched, lr_coupling=coupling)
     with pytest.raises(ValueError, match="lr_coupling='lr' needs learning_rate="):
         wdjax.decoupled_weight_decay(0.1)
@@ -293,7 +360,9 @@ def test_bad_arguments_raise():
         tx.update(U, tx.init(P))
     with pytest.raises(ValueError, match="mask pattern 'conv/\\*' matches no parameter"):
         wdjax.add_l2_gradient(0.1, "conv/*").init(P)  # at init, not at the first step
-    with pytest.raises(ValueError, match="mask tree does not fit the params: no entry for parameter 'head/bias'"):
+    with pytest.raises(
+        ValueError, match="mask tree does not fit the params: no entry for parameter 'head/bias'"
+    ):
         wdjax.max_norm(1.0, mask={"dense": True, "head": {"kernel": True}}).init(P)
 
 
@@ -302,11 +371,14 @@ def test_bad_arguments_raise():
 IDENTITY_AT_ZERO = {
     "add_l2_gradient": lambda r, a: wdjax.add_l2_gradient(r),
     "decoupled lr": lambda r, a: wdjax.decoupled_weight_decay(r, learning_rate=0.1),
-    "decoupled constant cautious": lambda r, a: wdjax.decoupled_weight_decay(r, lr_coupling="constant", cautious=True),
-    "decoupled corrected": lambda r, a: wdjax.decoupled_weight_decay(r, learning_rate=0.1, lr_coupling="corrected"),
+    "decoupled constant cautious": lambda r, a: wdjax.decoupled_weight_decay(
+        r, lr_coupling="constant", cautious=True
+    ),
+    "decoupled corrected": lambda r, a: wdjax.decoupled_weight_decay(
+        r, learning_rate=0.1, lr_coupling="corrected"
+    ),
     "decay_toward": lambda r, a: wdjax.decay_toward(a, r, learning_rate=0.1),
     "l1_proximal": lambda r, a: wdjax.l1_proximal(r, 0.1),
-    "max_norm (nothing above max)": lambda r, a: wdjax.max_norm(1e4 + r, axis=-1),
 }
 
 
@@ -323,10 +395,11 @@ def test_rate_zero_is_the_identity_bit_for_bit(data, zero):
             outs[name] = tx.update(updates, tx.init(params), params)[0]
         return outs
 
-    for name, out in all_updates(zero).items():  # a Python 0: the identity by construction
-        assert bits(out) == bits(updates), name
-    for name, out in jax.jit(all_updates)(jnp.float32(zero)).items():  # a traced 0: by arithmetic
-        assert bits(out) == bits(updates), name
+    # a Python 0 is the identity by construction, a traced 0 by arithmetic
+    literal, traced = jax.jit(lambda r: (all_updates(zero), all_updates(r)))(jnp.float32(zero))
+    for name in IDENTITY_AT_ZERO:
+        assert bits(literal[name]) == bits(updates), name
+        assert bits(traced[name]) == bits(updates), name
 
 
 # -------------------------------------------------------------- equivalences
@@ -337,7 +410,11 @@ def test_sgd_l2_in_loss_equals_add_l2_gradient_equals_decoupled_lr():
     objective = wdjax.regularized(mse, wdjax.l2(lam, masks.default()))
     in_loss = trajectory(optax.sgd(lr), lambda p, x, y: objective(p, x, y)[0])
     coupled = trajectory(optax.chain(wdjax.add_l2_gradient(lam, masks.default()), optax.sgd(lr)))
-    decoupled = trajectory(optax.chain(optax.sgd(lr), wdjax.decoupled_weight_decay(lam, masks.default(), learning_rate=lr)))
+    decoupled = trajectory(
+        optax.chain(
+            optax.sgd(lr), wdjax.decoupled_weight_decay(lam, masks.default(), learning_rate=lr)
+        )
+    )
     plain = trajectory(optax.sgd(lr))
     assert max_rel_err(coupled, in_loss) < 1e-5
     assert max_rel_err(decoupled, in_loss) < 1e-5
@@ -346,8 +423,14 @@ def test_sgd_l2_in_loss_equals_add_l2_gradient_equals_decoupled_lr():
 
 def test_adam_l2_in_loss_differs_from_decoupled():
     lam, lr = 0.1, 1e-2
-    in_loss = trajectory(optax.adam(lr), lambda p, x, y: mse(p, x, y) + wdjax.l2(lam, masks.default())(p))
+    in_loss = trajectory(
+        optax.adam(lr), lambda p, x, y: mse(p, x, y) + wdjax.l2(lam, masks.default())(p)
+    )
     coupled = trajectory(optax.chain(wdjax.add_l2_gradient(lam, masks.default()), optax.adam(lr)))
-    decoupled = trajectory(optax.chain(optax.adam(lr), wdjax.decoupled_weight_decay(lam, masks.default(), learning_rate=lr)))
+    decoupled = trajectory(
+        optax.chain(
+            optax.adam(lr), wdjax.decoupled_weight_decay(lam, masks.default(), learning_rate=lr)
+        )
+    )
     assert max_rel_err(coupled, in_loss) < 1e-4
     assert max_rel_err(decoupled, in_loss) > 1e-2

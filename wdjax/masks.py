@@ -247,7 +247,7 @@ def resolve(params: Params, mask: Any = None) -> list[bool]:
         if callable(mask) and jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
             mask = mask(params)
         values = _fit_tree(mask, params, "mask")
-        chosen = [is_float(x) and _as_bool(v, p) for (p, x), v in zip(named, values)]
+        chosen = [is_float(x) and _as_bool(v, p) for (p, x), v in zip(named, values, strict=True)]
     if not any(chosen) and selector is not NONE:
         raise ValueError(
             f"mask {mask!r} selects no floating-point parameter, so it would do nothing; "
@@ -286,11 +286,11 @@ def leaf_rates(params: Params, rate: Any, mask: Any = None) -> list[Any]:
         values = [rate] * len(chosen)
     else:
         values = _fit_tree(rate, params, "rate")
-        for (p, _), v in zip(leaves_with_paths(params), values):
+        for (p, _), v in zip(leaves_with_paths(params), values, strict=True):
             check_rate(v, f"rate for {p!r}")
     return [
         v if c and not (isinstance(v, (int, float)) and v == 0) else None
-        for c, v in zip(chosen, values)
+        for c, v in zip(chosen, values, strict=True)
     ]
 
 
@@ -326,8 +326,8 @@ class Table:
             (r.path, str(r.shape), r.dtype, f"{r.size:,}", "-" if r.rate is None else f"{r.rate:g}")
             for r in self.rows
         ]
-        widths = [max(len(c) for c in col) for col in zip(head, *body)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
+        widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in (head, *body)]
         share = self.decayed / self.total if self.total else 0.0
         lines.append(
             f"regularized {self.decayed:,} of {self.total:,} parameters ({share:.1%}); "
@@ -354,7 +354,7 @@ def describe(
             int(np.size(x)) if hasattr(x, "shape") else 0,
             None if r is None else float(r),
         )
-        for (p, x), r in zip(leaves_with_paths(params), per_leaf)
+        for (p, x), r in zip(leaves_with_paths(params), per_leaf, strict=True)
     )
     table = Table(rows)
     if file is not None:

@@ -55,7 +55,7 @@ def _penalty(name: str, rate: Any, mask: Any, term: Term, extra: Any = None) -> 
         leaves = jax.tree.leaves(params)
         extras = [None] * len(leaves) if extra is None else jax.tree.structure(params).flatten_up_to(extra)
         total = jnp.zeros((), jnp.float32)
-        for w, e, r in zip(leaves, extras, masks.leaf_rates(params, rate, mask)):
+        for w, e, r in zip(leaves, extras, masks.leaf_rates(params, rate, mask), strict=True):
             if r is not None:
                 total = total + r * term(_f32(w), e)
         return total
@@ -126,7 +126,7 @@ def regularized(loss_fn: Callable[..., Any], *penalties: Penalty, has_aux: bool 
     def total(params: Params, *args: Any, **kwargs: Any) -> tuple[jax.Array, dict]:
         out = loss_fn(params, *args, **kwargs)
         data_loss, inner = out if has_aux else (out, None)
-        aux = {"data_loss": data_loss} | {n: p(params) for n, p in zip(names, penalties)}
+        aux = {"data_loss": data_loss} | {n: p(params) for n, p in zip(names, penalties, strict=True)}
         if has_aux:
             aux["aux"] = inner
         return data_loss + sum(aux[n] for n in names), aux

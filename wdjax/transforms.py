@@ -83,7 +83,7 @@ def _leafwise(
         step = make_step(state.count)
         out = [
             u if r is None else step(u, w, r, w0)
-            for u, w, r, w0 in zip(treedef.flatten_up_to(updates), leaves, rates, anchors)
+            for u, w, r, w0 in zip(treedef.flatten_up_to(updates), leaves, rates, anchors, strict=True)
         ]
         return treedef.unflatten(out), DecayState(optax.safe_increment(state.count), state.anchor)
 
@@ -138,7 +138,7 @@ def _warn_if_below_resolution(c0: Any) -> Callable[[Params, list[Any]], None]:
     ``w·(1 − c·λ)`` then rounds back to ``w`` and the decay silently does nothing."""
 
     def check(params: Params, rates: list[Any]) -> None:
-        for (path, w), r in zip(masks.leaves_with_paths(params), rates):
+        for (path, w), r in zip(masks.leaves_with_paths(params), rates, strict=True):
             if r is None or jnp.finfo(w.dtype).bits >= 32:
                 continue
             try:

@@ -1,0 +1,1 @@
+"""wdjax benchmarks: ``python -m benchmarks [--quick]`` (see ``benchmarks/run.py``)."""

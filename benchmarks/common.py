@@ -1,0 +1,255 @@
+"""Shared pieces of the benchmarks: the environment record, the reference models and
+batches, and the hand-written Optax and PyTorch contenders."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import wdjax
+from wdjax import models, train
+
+INPUT_SHAPE = (28, 28, 1)
+MLP_WIDTHS = (512, 512)
+LR, WD, L1 = 1e-3, 1e-4, 1e-5
+TORCH_THREADS = 2  # what XLA's CPU client uses here: one thread per core
+
+
+# ---------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug() -> str:
+    """``cpu-amd-epyc-2c`` or ``gpu-...``: the results file's prefix."""
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        name = f"cpu-{cpu_model()}-{os.cpu_count()}c"
+    else:
+        name = f"{d.platform}-{d.device_kind}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import jaxlib
+
+    out = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+        "wdjax": wdjax.__version__,
+    }
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:
+        out["torch"] = "not installed"
+    return out
+
+
+def environment() -> dict[str, Any]:
+    d = jax.devices()[0]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": f"{d.platform}: {d.device_kind}",
+        "device_slug": device_slug(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "jax_devices": len(jax.devices()),
+        "torch_threads": TORCH_THREADS,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "versions": versions(),
+        "loadavg_start": _loadavg(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- models, data
+
+
+def create_model(name: str) -> models.Model:
+    if name == "mlp":
+        return models.create("mlp", input_shape=INPUT_SHAPE, widths=MLP_WIDTHS)
+    return models.create("cnn", input_shape=INPUT_SHAPE)
+
+
+def batch(batch_size: int, seed: int = 0, n: int | None = None) -> dict[str, np.ndarray]:
+    """Random images in [0, 1) (NHWC) and labels: ``n`` examples (default one batch)."""
+    rng = np.random.default_rng(seed)
+    n = n or batch_size
+    return {
+        "x": rng.random((n, *INPUT_SHAPE), dtype=np.float32),
+        "y": rng.integers(0, 10, n).astype(np.int32),
+    }
+
+
+def kernel_mask(params: Any) -> Any:
+    """Decay kernels, not biases: what ``wdjax.masks.default()`` selects here."""
+    return jax.tree.map(lambda w: w.ndim >= 2, params)
+
+
+def wdjax_optimizer() -> optax.GradientTransformation:
+    """Masked decoupled decay + L1 proximal, all hyperparameters traced."""
+    return wdjax.adamw(LR, WD, l1=L1)
+
+
+# ---------------------------------------------------------------- JAX contenders
+
+
+def wdjax_step(model: Any, opt: optax.GradientTransformation, data: dict, make_step=None) -> Callable[[], Any]:
+    """The library's train step (metrics and all), jitted with the state donated."""
+    make_step = make_step or train.make_train_step
+    step = jax.jit(make_step(model, opt), donate_argnums=0)
+    b = jax.device_put(data)
+    box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
+
+    def run():
+        box[0], metrics = step(box[0], b)
+        return jax.block_until_ready((box[0], metrics))
+
+    run.jitted = step  # type: ignore[attr-defined]
+    run.box = box  # type: ignore[attr-defined]
+    return run
+
+
+def minimal_step(model: Any, opt: optax.GradientTransformation, data: dict) -> Callable[[], Any]:
+    """A hand-written step: loss, grad, ``opt.update``, ``apply_updates``; returns the loss
+    only (no metrics, no skipping). Params and optimizer state donated."""
+    params, model_state = model.init(jax.random.PRNGKey(0))
+
+    def loss_fn(p, x, y):
+        logits, _ = model.apply(p, model_state, x, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s, x, y):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
+    box = [params, opt.init(params)]
+
+    def run():
+        box[0], box[1], loss = step(box[0], box[1], x, y)
+        return jax.block_until_ready((box[0], loss))
+
+    run.jitted = step  # type: ignore[attr-defined]
+    return run
+
+
+def optax_adamw(model: Any) -> optax.GradientTransformation:
+    params, _ = model.init(jax.random.PRNGKey(0))
+    return optax.adamw(LR, weight_decay=WD, mask=kernel_mask(params))
+
+
+def scanned_steps(model: Any, opt: optax.GradientTransformation, batch_size: int, length: int, make_step=None, seed: int = 0) -> Callable[[], Any]:
+    """``length`` library steps as one ``lax.scan`` over device-resident data, as ``fit``
+    runs them (``train.run_steps``, state donated): one call is one epoch of
+    ``batch_size * length`` random examples."""
+    make_step = make_step or train.make_train_step
+    step = make_step(model, opt)
+    run_steps = jax.jit(train.run_steps, static_argnums=(0, 4, 5), donate_argnums=1)
+    data = batch(batch_size, seed, n=batch_size * length)
+    x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
+    box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
+
+    def run():
+        box[0], metrics = run_steps(step, box[0], x, y, batch_size, length)
+        return jax.block_until_ready((box[0], metrics))
+
+    return run
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torch_model(name: str):
+    import torch.nn as nn
+
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 512), nn.ReLU(),
+            nn.Linear(512, 512), nn.ReLU(),
+            nn.Linear(512, 10),
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def torch_step(name: str, data: dict, *, compiled: bool, threads: int = TORCH_THREADS) -> Callable[[], Any]:
+    """PyTorch AdamW (no decay on biases) on the same architecture and batch (NCHW),
+    run with ``threads`` intra-op threads (set before every call)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torch_model(name)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}], lr=LR
+    )
+    x = torch.from_numpy(np.ascontiguousarray(data["x"].transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(data["y"].astype(np.int64))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = torch.compile(step) if compiled else step
+
+    def run():
+        torch.set_num_threads(threads)
+        return float(fn().detach())
+
+    return run

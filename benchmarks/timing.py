@@ -1,0 +1,83 @@
+"""Interleaved timing: contenders run in turn (A, B, A, B, ...) in one process, so
+slow drift and bursts of load from other processes hit all of them alike."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    """Median, quartiles, min and max of per-call times (seconds)."""
+    a = np.asarray(samples, dtype=np.float64)
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return {
+        "median_s": float(med),
+        "q1_s": float(q1),
+        "q3_s": float(q3),
+        "iqr_s": float(q3 - q1),
+        "min_s": float(a.min()),
+        "max_s": float(a.max()),
+        "rounds": int(a.size),
+    }
+
+
+def interleaved(
+    contenders: Mapping[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    number: int = 1,
+    warmup: int = 2,
+    time_budget_s: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time each contender ``rounds`` times, ``number`` calls per sample, interleaved.
+
+    Each ``fn()`` must do one unit of work *and wait for it* (``block_until_ready``).
+    Every contender is called ``warmup`` times first (compilation, caches). The order
+    within a round rotates, so no contender always runs right after another one.
+    ``time_budget_s`` stops early (after at least 3 rounds) once exceeded.
+    Returns ``{name: summarize(per-call seconds)}``."""
+    names = list(contenders)
+    for name in names:
+        for _ in range(warmup):
+            contenders[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    start = time.perf_counter()
+    try:
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                fn = contenders[name]
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / number)
+            if time_budget_s is not None and r >= 2 and time.perf_counter() - start > time_budget_s:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: summarize(s) for n, s in samples.items()}
+
+
+def ratio(results: Mapping[str, Mapping[str, Any]], num: str, den: str, key: str = "median_s") -> float:
+    """``results[num][key] / results[den][key]``."""
+    return float(results[num][key] / results[den][key])
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)``."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
