@@ -1,4 +1,4 @@
-"""K λ values trained together by :func:`wdjax.sweep.sweep` vs K sequential ``fit`` runs.
+"""K λ values trained together by :func:`wdjax.sweep` vs K sequential ``fit`` runs.
 
 Both sides do the same work — K runs of ``epochs`` epochs of the reference MLP on digits,
 each epoch followed by a validation pass — in one process, after warm-up (compilation),
@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from wdjax import data, models, optimizers, train
-from wdjax.sweep import sweep
+from wdjax.sweeps import sweep
 
 try:
     from benchmarks.timing import interleaved, ratio

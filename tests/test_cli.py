@@ -81,3 +81,16 @@ def test_masks_command_prints_the_decay_table(capsys):
     out = capsys.readouterr().out
     assert "conv1/kernel" in out and "(3, 3, 1, 32)" in out
     assert "regularized 220,064 of 220,234 parameters" in out  # kernels: 288+18432+200704+640
+
+
+def test_sweep_command_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--widths", "16", "--weight-decay", "0,0.1", "--folds", "2", "--epochs", "2", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "chosen" in printed and "weight_decay" in printed
+    doc = json.loads((out / "sweep.json").read_text())
+    assert len(doc["settings"]) == 2 and len(doc["members"]) == 4  # 2 λ × 2 folds
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["sweep", "--weight-decay", "0,-1"]) == 2
+    assert "expected comma-separated floats" in capsys.readouterr().err

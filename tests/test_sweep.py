@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from wdjax import data, models, optimizers, train
-from wdjax.sweep import (
+from wdjax.sweeps import (
     CPU_MEMORY_BUDGET,
     SweepResult,
     kfold_rows,

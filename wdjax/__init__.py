@@ -3,6 +3,7 @@
 from wdjax import masks
 from wdjax.optimizers import adam_l2, adamw, lionw, sgd_l2, sgdw
 from wdjax.penalties import Penalty, elastic_net, group_lasso, l1, l2, l2_toward, regularized
+from wdjax.sweeps import SweepResult, sweep
 from wdjax.transforms import (
     add_l2_gradient,
     decay_toward,
@@ -32,4 +33,6 @@ __all__ = [
     "regularized",
     "sgd_l2",
     "sgdw",
+    "sweep",
+    "SweepResult",
 ]

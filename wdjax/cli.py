@@ -56,6 +56,25 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _list_of(kind: type) -> Any:
+    item = _positive(kind) if kind is float else kind
+
+    def parse(text: str) -> list:
+        try:
+            return [item(t) for t in text.split(",") if t.strip()] or _empty(text)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s: {e}") from None
+
+    return parse
+
+
+def _empty(text: str) -> NoReturn:
+    raise ValueError(f"empty list {text!r}")
+
+
+_floats, _ints = _list_of(float), _list_of(int)
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=models.MODELS, default="mlp")
     p.add_argument("--widths", default="256,256", help="MLP hidden widths, comma-separated")
@@ -100,12 +119,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=cmd_train)
 
+    s = sub.add_parser("sweep", help="train a grid of λ (× lr × l1 × seeds × folds) at once")
+    _model_options(s)
+    _data_options(s)
+    _optim_options(s, single=False)
+    s.add_argument("--weight-decay", type=_floats, default=[0.0, 1e-5, 1e-4, 1e-3, 1e-2], help="comma-separated")
+    s.add_argument("--lr", type=_floats, default=[1e-3], help="comma-separated")
+    s.add_argument("--l1", type=_floats, default=None, help="comma-separated proximal L1 rates")
+    s.add_argument("--seeds", type=_ints, default=[0], help="comma-separated")
+    s.add_argument("--folds", type=_positive(int), default=None, help="k-fold cross-validation")
+    s.add_argument("--select", choices=("best", "one_se"), default="best")
+    s.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
+    s.add_argument("--chunk-size", type=_positive(int), default=None, help="members per compiled chunk")
+    s.add_argument("--out", default="runs/sweep", help="output directory")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(run=cmd_sweep, epochs=15)
+
     m = sub.add_parser("masks", help="print which parameters a mask decays")
     _model_options(m)
     m.add_argument("--dataset", choices=data.DATASETS, default="digits", help="sets the input shape")
     m.add_argument("--mask", nargs="+", default=["default"])
     m.set_defaults(run=cmd_masks)
     return parser
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from wdjax.sweeps import sweep
+
+    ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
+    model = _model(args, ds.input_shape, ds.num_classes)
+    config: dict[str, Any] = {"mask": parse_mask(args.mask)}
+    if args.optimizer in ("sgdw", "sgd_l2"):
+        config["momentum"] = args.momentum
+    result = sweep(
+        ds, model=model, optimizer=args.optimizer, optimizer_config=config,
+        weight_decay=args.weight_decay, learning_rate=args.lr, l1=args.l1, seeds=args.seeds,
+        folds=args.folds, fold_seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+        select=args.select, metric=args.metric, chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_json(out / "sweep.json")
+    result.plot(out / "sweep.png")
+    print(result.table())
+    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.png'}")
+    return 0
 
 
 def _model(args: argparse.Namespace, input_shape: tuple[int, ...], num_classes: int) -> models.Model:

@@ -16,9 +16,9 @@ sample standard deviation ``s`` and the standard error ``s/√r`` of each final 
 
 A 2-D (λ × η) grid, 5-fold cross-validated — 60 members, one program::
 
-    from wdjax.sweep import sweep
+    import wdjax
 
-    result = sweep(
+    result = wdjax.sweep(
         "digits", model="mlp", model_config={"widths": (64,)}, optimizer="adamw",
         weight_decay=[0.0, 1e-3, 1e-2, 1e-1], learning_rate=[3e-4, 1e-3, 3e-3],
         folds=5, epochs=20, select="one_se",
