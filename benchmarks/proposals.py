@@ -149,7 +149,45 @@ def max_pool_2x2_reduce_window(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
+def _conv_fwd_nhwc(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def conv3x3_canonical(x: jax.Array, w: jax.Array) -> jax.Array:
+    """3x3 SAME stride-1 NHWC/HWIO conv whose backward pass is written as two plain
+    NHWC/HWIO forward convs (with explicit transposes). XLA:CPU runs only that
+    "canonical" form with its fast (Eigen) conv; it rewrites the transposed convs of
+    JAX's autodiff into it in a plain jit, but not inside a ``while`` loop (``lax.scan``),
+    where they fall back to a naive loop."""
+    return _conv_fwd_nhwc(x, w)
+
+
+def _canon_fwd(x, w):
+    return _conv_fwd_nhwc(x, w), (x, w)
+
+
+def _canon_bwd(res, dy):
+    x, w = res
+    kh, kw = w.shape[:2]
+    # dx: correlate dy with the flipped kernel, in/out channels swapped
+    dx = _conv_fwd_nhwc(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    # dW[i, j, c, o] = sum_{b,h,w} xpad[b, h+i, w+j, c] dy[b, h, w, o]: a conv with the batch
+    # as the contracted feature dim: lhs (C, H, W, B), rhs (H, W, B, O) -> (C, kh, kw, O)
+    dw = jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+        ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    ).transpose(1, 2, 0, 3)
+    return dx, dw
+
+
+conv3x3_canonical.defvjp(_canon_fwd, _canon_bwd)
+
+
 def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, layout: str = "NHWC") -> jax.Array:
+    if layout == "canonical":
+        return conv3x3_canonical(x, kernel) + bias
     if layout == "NCHW":  # same weights, computed in NCHW/OIHW
         y = jax.lax.conv_general_dilated(
             x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1), (1, 1), "SAME",

@@ -44,7 +44,9 @@ def test_fit_learns_digits_and_reports_metrics(digits, small_mlp):
 
 
 def test_same_seed_same_run_other_seed_differs(digits, small_mlp):
-    run = lambda seed: train.fit(small_mlp, wdjax.adamw(1e-3), digits, epochs=2, seed=seed, progress=False)
+    def run(seed):
+        return train.fit(small_mlp, wdjax.adamw(1e-3), digits, epochs=2, seed=seed, progress=False)
+
     a, b, c = run(0), run(0), run(1)
     assert _leaves_equal(a.state.params, b.state.params) and a.history == b.history
     assert not _leaves_equal(a.state.params, c.state.params)
@@ -90,7 +92,9 @@ class _WithFrozen:
 
 def test_masked_leaf_with_zero_gradient_stays_identical_to_no_decay(digits, small_mlp):
     model = _WithFrozen(small_mlp)
-    fit = lambda opt: train.fit(model, opt, digits, epochs=1, batch_size=128, progress=False).state.params["frozen"]["kernel"]
+    def fit(opt):
+        return train.fit(model, opt, digits, epochs=1, batch_size=128, progress=False).state.params["frozen"]["kernel"]
+
     decayed = fit(wdjax.adamw(1e-2, 1.0))
     masked = fit(wdjax.adamw(1e-2, 1.0, mask=masks.default() & ~masks.match("frozen/*")))
     no_decay = fit(wdjax.adamw(1e-2, 0.0))

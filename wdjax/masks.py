@@ -153,6 +153,9 @@ def default(*, embeddings: bool = False) -> Selector:
     )
 
 
+DEFAULT = default()  # the default of the optimizers, the trainer and the CLI
+
+
 # ---------------------------------------------------------------- rate maps
 
 

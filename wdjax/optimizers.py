@@ -15,7 +15,8 @@ normalization parameters and embeddings are not decayed), ``l1`` (adds
 :func:`wdjax.l1_proximal` last; ``None`` leaves it out) and, for the decoupled ones,
 ``lr_coupling`` and ``cautious`` (see :func:`wdjax.decoupled_weight_decay`).
 
-``learning_rate``, ``weight_decay`` and ``l1`` live in the optimizer state as float32
+``weight_decay`` and ``l1`` may also be per-group :func:`wdjax.masks.rates` (then they
+are static). Scalar ``learning_rate``, ``weight_decay`` and ``l1`` live in the optimizer state as float32
 hyperparameters (``optax.inject_hyperparams``), so they can be read and changed
 without recompiling, and vmapped over for sweeps::
 
@@ -44,8 +45,6 @@ from wdjax.transforms import (
     l1_proximal,
 )
 
-DEFAULT_MASK = masks.default()
-
 
 def _build(
     direction: optax.GradientTransformation,
@@ -59,9 +58,10 @@ def _build(
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay), ("l1", l1)):
+    check_rate(learning_rate, "learning_rate")
+    for name, value in (("weight_decay", weight_decay), ("l1", l1)):
         if value is not None:
-            check_rate(value, name)
+            masks.check_rate_arg(value, name)
     if not coupled:
         _multiplier(lr_coupling, learning_rate, max_learning_rate)  # validates the coupling now
 
@@ -97,7 +97,7 @@ def adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     nesterov: bool = False,
-    mask: Any = DEFAULT_MASK,
+    mask: Any = masks.DEFAULT,
     l1: ScalarOrSchedule | None = None,
     lr_coupling: Coupling = "lr",
     max_learning_rate: float | None = None,
@@ -118,7 +118,7 @@ def adam_l2(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    mask: Any = DEFAULT_MASK,
+    mask: Any = masks.DEFAULT,
     l1: ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam on ``g + λ·w`` (coupled L2): PyTorch ``Adam(weight_decay=λ)``."""
@@ -138,7 +138,7 @@ def sgdw(
     *,
     momentum: float = 0.0,
     nesterov: bool = False,
-    mask: Any = DEFAULT_MASK,
+    mask: Any = masks.DEFAULT,
     l1: ScalarOrSchedule | None = None,
     lr_coupling: Coupling = "lr",
     max_learning_rate: float | None = None,
@@ -157,7 +157,7 @@ def sgd_l2(
     *,
     momentum: float = 0.0,
     nesterov: bool = False,
-    mask: Any = DEFAULT_MASK,
+    mask: Any = masks.DEFAULT,
     l1: ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD on ``g + λ·w``: PyTorch ``SGD(weight_decay=λ, momentum=μ, nesterov=...)``."""
@@ -172,7 +172,7 @@ def lionw(
     *,
     b1: float = 0.9,
     b2: float = 0.99,
-    mask: Any = DEFAULT_MASK,
+    mask: Any = masks.DEFAULT,
     l1: ScalarOrSchedule | None = None,
     lr_coupling: Coupling = "lr",
     max_learning_rate: float | None = None,

@@ -81,7 +81,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     penalties: Sequence[Penalty] = (),
-    mask: Any = masks.default(),
+    mask: Any = masks.DEFAULT,
 ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
     """A pure ``step(state, {"x", "y"}) -> (state, metrics)`` (not jitted: jit it,
     scan it or vmap it; :func:`fit` does all three as needed).
@@ -210,7 +210,7 @@ def fit(
     batch_size: int = 128,
     seed: int = 0,
     penalties: Sequence[Penalty] = (),
-    mask: Any = masks.default(),
+    mask: Any = masks.DEFAULT,
     patience: int | None = None,
     checkpoints: Any = None,
     progress: bool = True,
