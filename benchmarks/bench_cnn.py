@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import common, proposals
 from benchmarks.timing import interleaved
@@ -136,10 +135,12 @@ def steps(cfg: Any) -> dict[str, Any]:
         "library_cnn": common.wdjax_step(base, opt(), data),
         "strided_pool": common.wdjax_step(proposals.FastPoolCNN(base), opt(), data),
         "strided_pool_nchw": common.wdjax_step(proposals.FastPoolCNN(base, layout="NCHW"), opt(), data),
+        "canonical_conv": common.wdjax_step(proposals.FastPoolCNN(base, pool="reduce_window", layout="canonical"), opt(), data),
+        "strided_pool_canonical_conv": common.wdjax_step(proposals.FastPoolCNN(base, layout="canonical"), opt(), data),
         "reduce_window_pool_functional": common.wdjax_step(proposals.FastPoolCNN(base, pool="reduce_window"), opt(), data),
     }
     if cfg.quick:
-        contenders = {k: contenders[k] for k in ("library_cnn", "strided_pool")}
+        contenders = {k: contenders[k] for k in ("library_cnn", "strided_pool_canonical_conv")}
     bf16_step = common.wdjax_step(proposals.FastPoolCNN(base), opt(), data)
 
     def bf16():  # the precision is part of jit's cache key: call under the context every time
@@ -154,6 +155,35 @@ def steps(cfg: Any) -> dict[str, Any]:
         r["speedup_vs_library"] = base_s / r["median_s"]
     print("  cnn steps: " + ", ".join(f"{k} {v['median_s'] * 1e3:.0f} ms" for k, v in res.items()), flush=True)
     return res
+
+
+def scan_convs(cfg: Any) -> dict[str, Any]:
+    """Convolutions XLA:CPU left in a non-canonical form (not ``b01f_01io->b01f``: no
+    fast Eigen kernel) in the compiled step and in the compiled ``run_steps`` scan."""
+    import re
+
+    from wdjax import train
+
+    out = {}
+    B, L = cfg.batch_size, 2
+    data = common.batch(B, n=B * L)
+    base = common.create_model("cnn")
+    for label, model in (("library_cnn", base), ("canonical_conv", proposals.FastPoolCNN(base, layout="canonical"))):
+        opt = common.wdjax_optimizer()
+        step = train.make_train_step(model, opt)
+        state = train.init_state(model, opt, jax.random.PRNGKey(0))
+        texts = {
+            "step": jax.jit(step).lower(state, {"x": data["x"][:B], "y": data["y"][:B]}).compile().as_text(),
+            "scan": jax.jit(train.run_steps, static_argnums=(0, 4, 5)).lower(step, state, data["x"], data["y"], B, L).compile().as_text(),
+        }
+        for where, text in texts.items():
+            labels = re.findall(r" convolution\(.*?dim_labels=([\w>-]+)", text)
+            out[f"{label}/{where}"] = {
+                "convolutions": len(labels),
+                "non_canonical": sum(lab != "b01f_01io->b01f" for lab in labels),
+            }
+    print(f"  cnn non-canonical convs: {out}", flush=True)
+    return out
 
 
 def child(rounds: int, batch_size: int) -> dict[str, Any]:
@@ -186,12 +216,13 @@ def flags(cfg: Any) -> dict[str, Any]:
 
 def run(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "what": "pieces of the CNN step timed alone (batch %d), JAX variants vs PyTorch; whole "
-        "library step with other formulations; XLA_FLAGS in child processes" % cfg.batch_size,
+        "what": f"pieces of the CNN step timed alone (batch {cfg.batch_size}), JAX variants vs PyTorch; "
+        "whole library step with other formulations; XLA_FLAGS in child processes",
         "components": components(cfg),
         "steps": steps(cfg),
     }
     if not cfg.quick:
+        out["scan_convs"] = scan_convs(cfg)
         out["fast_pool_max_abs_diff"] = proposals.check_fast_pool(common.create_model("cnn"), common.batch(16))
     if cfg.cnn_flags:
         out["xla_flags"] = flags(cfg)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 import jax
 
 from benchmarks import common, proposals
-from wdjax import train
 from benchmarks.timing import interleaved, ratio
+from wdjax import train
 
 TARGET = 1.03
 
@@ -23,10 +24,11 @@ def _big_copies(jitted: Any, *args: Any) -> int:
 
 def run(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "what": "per-step time, batch %d; wdjax_step = jit(make_train_step(model, wdjax.adamw(lr, wd, l1=...))) "
+        "what": f"per-step time, batch {cfg.batch_size}; wdjax_step = jit(make_train_step(model, wdjax.adamw(lr, wd, l1=...))) "
         "with per-step metrics; optax = hand-written step with optax.adamw(mask=kernels); "
         "wdjax_optimizer_minimal = the same hand-written step with wdjax.adamw(l1=...); "
-        "wdjax_step_proposed = benchmarks/proposals.py's make_train_step_proposed" % cfg.batch_size,
+        "wdjax_step_proposed = benchmarks/proposals.py's make_train_step_proposed (lax.cond skip, float32 zero "
+        "count); *_no_weight_metrics: the same without the per-step weight norms / zero fraction",
         "target": f"wdjax_step / optax <= {TARGET}",
         "models": {},
     }
@@ -41,6 +43,11 @@ def run(cfg: Any) -> dict[str, Any]:
                 model, common.wdjax_optimizer(), data, make_step=proposals.make_train_step_proposed
             ),
         }
+        if not cfg.quick:
+            contenders["wdjax_step_proposed_no_weight_metrics"] = common.wdjax_step(
+                model, common.wdjax_optimizer(), data,
+                make_step=functools.partial(proposals.make_train_step_proposed, weight_metrics=False),
+            )
         res = interleaved(contenders, rounds=cfg.overhead_rounds[name], number=cfg.overhead_number[name])
         ratios = {
             "wdjax_step/optax": ratio(res, "wdjax_step", "optax"),
@@ -49,6 +56,8 @@ def run(cfg: Any) -> dict[str, Any]:
             "wdjax_step_proposed/optax": ratio(res, "wdjax_step_proposed", "optax"),
             "wdjax_step_proposed/wdjax_step": ratio(res, "wdjax_step_proposed", "wdjax_step"),
         }
+        if "wdjax_step_proposed_no_weight_metrics" in res:
+            ratios["wdjax_step_proposed_no_weight_metrics/optax"] = ratio(res, "wdjax_step_proposed_no_weight_metrics", "optax")
         ratios_min = {k: ratio(res, *k.split("/"), key="min_s") for k in ratios}
         entry: dict[str, Any] = {
             "contenders": res,

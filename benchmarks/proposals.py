@@ -59,9 +59,12 @@ def make_train_step_proposed(
     optimizer: optax.GradientTransformation,
     *,
     penalties: Sequence[Penalty] = (),
-    mask: Any = masks.default(),
+    mask: Any = masks.default(),  # noqa: B008  (as in wdjax.train.make_train_step)
+    weight_metrics: bool = True,
 ) -> Callable[[T.TrainState, dict], tuple[T.TrainState, T.Metrics]]:
-    """``train.make_train_step`` with the update under ``lax.cond`` and float32 zero counts."""
+    """``train.make_train_step`` with the update under ``lax.cond`` and float32 zero counts;
+    ``weight_metrics=False`` leaves out the per-step weight norms and zero fraction (a
+    possible option: ``fit`` could compute them once per scan chunk instead)."""
 
     def data_loss(params, model_state, x, y, rng):
         logits, new_model_state = model.apply(params, model_state, x, train=True, rng=rng)
@@ -98,7 +101,7 @@ def make_train_step_proposed(
             **aux,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
             "grad_norm": grad_norm,
-            **weight_metrics_f32(new_state.params, masks.resolve(new_state.params, mask)),
+            **(weight_metrics_f32(new_state.params, masks.resolve(new_state.params, mask)) if weight_metrics else {}),
             "learning_rate": T._hyperparam(state.opt_state, "learning_rate"),
             "weight_decay": T._hyperparam(state.opt_state, "weight_decay"),
             "skipped": new_state.skipped,
@@ -247,8 +250,9 @@ def check_fast_pool(base: Any, data: dict) -> dict[str, float]:
 
     (_, la), ga = loss(base)
     out = {}
-    for pool in ("reduce_window", "strided"):
-        (_, lb), gb = loss(FastPoolCNN(base, pool))
-        out[f"{pool}_logits"] = float(jnp.max(jnp.abs(la - lb)))
-        out[f"{pool}_grads"] = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))
+    for pool, layout in (("reduce_window", "NHWC"), ("strided", "NHWC"), ("strided", "canonical")):
+        (_, lb), gb = loss(FastPoolCNN(base, pool, layout))
+        tag = f"{pool}_{layout}"
+        out[f"{tag}_logits"] = float(jnp.max(jnp.abs(la - lb)))
+        out[f"{tag}_grads"] = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))
     return out

@@ -51,7 +51,9 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
             rows.append([f"1. overhead, {name.upper()}: wdjax step / hand-written optax step",
                          f"{_f(e['ratios']['wdjax_step/optax'])} (min-based {_f(e['ratios_min']['wdjax_step/optax'])})",
                          "≤ 1.03", _yes(e["met"]),
-                         f"{_f(e['ratios']['wdjax_step_proposed/optax'])} {_yes(e['met_proposed'])}"])
+                         f"{_f(e['ratios']['wdjax_step_proposed/optax'])} {_yes(e['met_proposed'])}"
+                         + (f" (also without per-step weight metrics: {_f(e['ratios']['wdjax_step_proposed_no_weight_metrics/optax'])})"
+                            if "wdjax_step_proposed_no_weight_metrics/optax" in e["ratios"] else "")])
     for name in ("mlp", "cnn"):
         e = _get(b, "overhead", "models", name)
         if e:
@@ -62,7 +64,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
         if e and "ratio_library" in e:
             rows.append([f"2. throughput, {name.upper()}: best wdjax / best PyTorch (`{e['best_torch']}`)",
                          _f(e["ratio_library"]), "≥ 1.0", _yes(e["met"]), f"{_f(e['ratio_best_jax'])} {_yes(e['met_with_proposals'])}"])
-    for size, e in (_get(b, "bandwidth", "sizes") or {}).items():
+    for e in (_get(b, "bandwidth", "sizes") or {}).values():
         rows.append([f"3. update bandwidth, {e['params']:,} params: wdjax AdamW / in-place copy",
                      f"{_f(e['ratios']['wdjax_adamw/copy'])} ({_f(e['contenders']['wdjax_adamw']['GB_per_s'], '.1f')} vs {_f(e['contenders']['copy']['GB_per_s'], '.1f')} GB/s)",
                      "≥ 0.8", _yes(e["met"]), "–"])
@@ -117,7 +119,7 @@ def render(results: dict[str, Any]) -> str:
     out += _bandwidth(b.get("bandwidth"))
     out += _sweep(b.get("sweep"))
     out += _compile(b.get("compile"))
-    out += _cnn(b.get("cnn"))
+    out += _cnn(b.get("cnn"), results)
     out += _proposals(results)
     return "\n".join(out) + "\n"
 
@@ -217,7 +219,7 @@ def _compile(s: Any) -> list[str]:
     return out
 
 
-def _cnn(s: Any) -> list[str]:
+def _cnn(s: Any, results_all: Any = None) -> list[str]:
     if not s:
         return []
     out = ["## 6. The CNN on XLA:CPU: where it loses, and what was tried", "", s.get("what", ""), ""] + _error(s)
@@ -250,21 +252,59 @@ def _cnn(s: Any) -> list[str]:
                          _f(base.get("strided_pool", float("nan")) / r["strided_pool"], ".2f") if base else "–"])
         out += ["### XLA_FLAGS (one child process each, run one after another: compare with care)", "",
                 _table(["XLA_FLAGS", "library CNN step ms", "strided-pool step ms", "speed-up (library)", "speed-up (strided)"], rows), ""]
+    sc = s.get("scan_convs") or {}
+    if sc:
+        rows = [[f"`{k}`", str(v["convolutions"]), str(v["non_canonical"])] for k, v in sc.items()]
+        out += ["### Convolutions XLA:CPU leaves in a slow (non-canonical) form", "",
+                _table(["model / compiled function", "convolutions", "not `b01f_01io->b01f`"], rows), ""]
+    comp = s.get("components") or {}
+    pool = comp.get("maxpool 2x2 forward+backward (28x28x32)", {})
+    c2 = comp.get("conv2 backward dx+dW", {})
+    steps = s.get("steps") or {}
+
+    def med(d, k):
+        return d.get(k, {}).get("median_s")
+
+    def x(a, b):
+        return _f(a / b, ".1f") if a and b else "–"
+
+    scan_tp = _get(results_all, "benchmarks", "throughput", "models", "cnn", "contenders") or {}
+
     out += [
         "### Findings",
         "",
-        "* **The max-pool backward is the bottleneck.** `nnx.max_pool` lowers to `lax.reduce_window`, whose "
-        "gradient XLA emits as `select_and_scatter`; on XLA:CPU that is a scalar loop, and it takes most of the "
-        "CNN step (see `maxpool 2x2 forward+backward` above, and the library step vs `strided_pool`). Writing "
-        "the 2×2/stride-2 pool as the max of four strided slices (`benchmarks/proposals.py: max_pool_2x2_strided`) "
-        "gives bit-identical logits and gradients here and an elementwise backward.",
-        "* **The convolutions themselves are competitive.** XLA's NHWC conv forward and backward are within a small "
-        "factor of PyTorch's oneDNN kernels; NCHW is not faster in XLA (it transposes to NHWC internally). "
-        "Conv as im2col + matmul (explicit patches or `conv_general_dilated_patches`) is slower than XLA's conv, "
-        "forward and backward.",
-        "* **Matmul precision** (`jax.default_matmul_precision('bfloat16')`) does not change float32 CPU convs and "
-        "dots here. **XLA_FLAGS** tried: oneDNN, XNNPACK, fast math, single-threaded Eigen; see the table (none "
-        "is a consistent win within the noise; single-threaded Eigen is slower).",
+        "* **In `lax.scan` (how `fit` trains), XLA:CPU runs the CNN's backward convolutions with a naive loop.** "
+        "JAX's autodiff emits the input- and weight-gradient convolutions with transposed dimension labels; in a "
+        "plain `jit` XLA:CPU rewrites them into its canonical NHWC/HWIO form and calls its fast Eigen kernel, but "
+        "inside a `while` loop it does not (table above: 3 of 5 convs stay non-canonical in the scan), and they "
+        "fall back to a naive loop: the library CNN's scanned step is "
+        + (f"{x(scan_tp.get('jax_step', {}).get('images_per_s'), scan_tp.get('jax_scan', {}).get('images_per_s'))}× "
+           if scan_tp else "several times ")
+        + "slower than its single step (section 2: `jax_scan` vs `jax_step`). Writing the conv's backward pass as "
+        "two plain forward convs with explicit transposes (`benchmarks/proposals.py: conv3x3_canonical`, a "
+        "`jax.custom_vjp`; bit-identical gradients here) keeps every conv canonical, in and out of `scan`.",
+        "* **The max-pool backward is the other bottleneck.** `nnx.max_pool` lowers to `lax.reduce_window`; its "
+        "gradient is `select_and_scatter`, which XLA:CPU expands into a variadic `reduce-window` (the max and four "
+        "int32 index arrays) plus a `scatter`, both scalar loops"
+        + (f": {_ms(med(pool, 'jax_reduce_window'))} ms for one 28×28×32 pool forward+backward vs "
+           f"{_ms(med(pool, 'jax_strided_max'))} ms as the max of four strided slices (PyTorch {_ms(med(pool, 'torch'))} ms)"
+           if pool else "")
+        + ". The strided-slice form (`max_pool_2x2_strided`) gives identical logits and gradients here (ties split "
+        "instead of going to the first element; after a ReLU ties are zeros, whose gradient is zero).",
+        "* **The convolutions themselves are on par with PyTorch** (oneDNN) when XLA uses its fast path"
+        + (f": conv2 backward {_ms(med(c2, 'jax_nhwc'))} ms (JAX NHWC) vs {_ms(med(c2, 'torch'))} ms (PyTorch)" if c2 else "")
+        + ". NCHW makes no difference to the conv pieces (XLA converts to its own form); in the whole step it is "
+        "within the noise. Conv as im2col + matmul (explicit patches or `conv_general_dilated_patches`) is 2–4× "
+        "slower, forward and backward; so is the weight gradient as one im2col matmul (9 shifted matmuls, measured "
+        "separately while developing this: about the same time as the conv).",
+        "* **Matmul precision** (`jax.default_matmul_precision('bfloat16')`) makes no measurable difference to "
+        "float32 CPU convs and dots"
+        + (f" (strided-pool step {_ms(med(steps, 'strided_pool'))} vs {_ms(med(steps, 'strided_pool_precision_bf16'))} ms)"
+           if steps.get("strided_pool_precision_bf16") else "")
+        + ". **XLA_FLAGS** (oneDNN, XNNPACK, single-threaded Eigen): none was a consistent win across our runs; "
+        "the differences in the table are within the run-to-run noise of child processes run one after another.",
+        "* **After both fixes** the scanned CNN step is close to PyTorch eager (section 2: `jax_scan_fast*` vs the "
+        "best PyTorch figure); `torch.compile` is slower than eager for this CNN on this CPU.",
         "",
     ]
     return out
@@ -286,11 +326,24 @@ def _proposals(results: dict[str, Any]) -> list[str]:
         "`benchmarks/proposals.py: make_train_step_proposed`."
         + (f" Measured on the MLP: wdjax step / optax {_f(mlp['ratios']['wdjax_step/optax'])} → "
            f"{_f(mlp['ratios']['wdjax_step_proposed/optax'])}." if mlp else ""),
-        "2. `wdjax/models.py`, `_CNN.__call__`: replace `nnx.max_pool(..., window_shape=(2, 2), strides=(2, 2))` by "
-        "the strided-slice max (`benchmarks/proposals.py: max_pool_2x2_strided`), or offer it as an option."
-        + (f" Measured: whole CNN step {_f(_get(b, 'cnn', 'steps', 'strided_pool', 'speedup_vs_library'), '.2f')}× faster."
-           if _get(b, "cnn", "steps", "strided_pool") else ""),
-        "3. `wdjax/optimizers.py` docstring: `tree_set(state, weight_decay=1e-3)` with a Python float triggers one "
+        "2. `wdjax/models.py`, `_CNN`: (a) compute each 3x3 conv with a `jax.custom_vjp` whose backward is two "
+        "plain NHWC/HWIO forward convs (`benchmarks/proposals.py: conv3x3_canonical`), so `fit`'s `lax.scan` keeps "
+        "XLA:CPU's fast conv; (b) replace `nnx.max_pool(..., window_shape=(2, 2), strides=(2, 2))` by the "
+        "strided-slice max (`max_pool_2x2_strided`). Both keep the params and results; offer them as the default "
+        "or as an option (e.g. `cnn(..., fast_cpu=True)`)."
+        + (f" Measured (CNN, images/s): library scan {_f(_get(b, 'throughput', 'models', 'cnn', 'contenders', 'jax_scan', 'images_per_s'), '.0f')}, "
+           f"library single step {_f(_get(b, 'throughput', 'models', 'cnn', 'contenders', 'jax_step', 'images_per_s'), '.0f')}, "
+           f"both changes, scanned {_f(_get(b, 'throughput', 'models', 'cnn', 'contenders', 'jax_scan_fast', 'images_per_s'), '.0f')}."
+           if _get(b, "throughput", "models", "cnn", "contenders", "jax_scan_fast") else ""),
+        "3. `wdjax/train.py`: after (1) the rest of the step's overhead on the small MLP is its per-step metrics; "
+        "the weight norms and zero fraction read every parameter again each step although `fit`'s epoch record "
+        "mostly uses their last value. An option `make_train_step(..., weight_metrics=False)` (with `fit` computing "
+        "them once per scan chunk) removes that part"
+        + (f": MLP {_f(mlp['ratios']['wdjax_step_proposed_no_weight_metrics/optax'])} × optax "
+           f"(vs {_f(mlp['ratios']['wdjax_step_proposed/optax'])} with them)"
+           if mlp and "wdjax_step_proposed_no_weight_metrics/optax" in mlp["ratios"] else "")
+        + ".",
+        "4. `wdjax/optimizers.py` docstring: `tree_set(state, weight_decay=1e-3)` with a Python float triggers one "
         "recompilation (weakly typed scalar); document `jnp.float32(1e-3)`, or add a helper that casts to the "
         "existing leaf's dtype.",
         "",

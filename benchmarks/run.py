@@ -57,7 +57,7 @@ class Config:
 
     @property
     def overhead_rounds(self) -> dict[str, int]:
-        return {"mlp": 3, "cnn": 2} if self.quick else {"mlp": 60, "cnn": 12}
+        return {"mlp": 3, "cnn": 2} if self.quick else {"mlp": 40, "cnn": 8}
 
     @property
     def overhead_number(self) -> dict[str, int]:

@@ -68,7 +68,7 @@ def main(argv=None):
         state = fit(model, penalties, x, y, epochs=epochs, batch_size=128, seed=args.seed)
         p, s = state.params, state.model_state
         tr, te = (train.evaluate(model, p, s, a, b) for a, b in [(x, y), (ds.x_test, ds.y_test)])
-        norm = float(optax.tree.norm([w for w, on in zip(jax.tree.leaves(p), masks.resolve(p, masks.default())) if on]))
+        norm = float(train.weight_metrics(p, masks.resolve(p, masks.default()))["weight_norm_decayed"])
         results[label] = (tr["accuracy"], te["accuracy"], tr["accuracy"] - te["accuracy"], te["loss"] - tr["loss"], norm)
         print(f"{label:<18}  {tr['accuracy']:9.2%}  {te['accuracy']:8.2%}  {results[label][2] * 100:5.2f}pp"
               f"  {tr['loss']:10.4f}  {te['loss']:9.4f}  {norm:10.2f}  {time.perf_counter() - start:4.0f}s")

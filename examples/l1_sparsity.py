@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 import wdjax
@@ -29,7 +29,8 @@ from wdjax import data, masks, models, train
 
 def kernel_fractions(params):
     """(fraction exactly 0, fraction with |w| < 1e-3) over the Dense kernels."""
-    kernels = [w for (_, w), on in zip(masks.leaves_with_paths(params), masks.resolve(params, masks.default())) if on]
+    on = masks.resolve(params, masks.default())
+    kernels = [w for w, selected in zip(jax.tree.leaves(params), on) if selected]
     flat = np.concatenate([np.ravel(w) for w in kernels])
     return float(np.mean(flat == 0)), float(np.mean(np.abs(flat) < 1e-3))
 

@@ -1,7 +1,7 @@
 """wdjax: weight decay and regularization for JAX, correct, explicit and fast."""
 
 from wdjax import masks
-from wdjax.optimizers import adam_l2, adamw, lionw, sgd_l2, sgdw
+from wdjax.optimizers import adam_l2, adamw, lionw, set_hyperparams, sgd_l2, sgdw
 from wdjax.penalties import Penalty, elastic_net, group_lasso, l1, l2, l2_toward, regularized
 from wdjax.sweeps import SweepResult, sweep
 from wdjax.transforms import (
@@ -31,6 +31,7 @@ __all__ = [
     "masks",
     "max_norm",
     "regularized",
+    "set_hyperparams",
     "sgd_l2",
     "sgdw",
     "sweep",

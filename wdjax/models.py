@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
+from wdjax import ops
+
 Params = dict[str, Any]
 ModelState = dict[str, Any]
 
@@ -72,7 +74,8 @@ class _MLP(nnx.Module):
 
 class _CNN(nnx.Module):
     """[Conv 3x3 -> (BatchNorm) -> relu -> maxpool 2x2] * len(channels) -> Dense -> relu
-    -> (Dropout) -> Dense head."""
+    -> (Dropout) -> Dense head. Convolutions and pooling use :mod:`wdjax.ops`, whose
+    backward passes stay fast inside ``lax.scan`` on CPU (same values and gradients)."""
 
     def __init__(
         self,
@@ -96,7 +99,7 @@ class _CNN(nnx.Module):
         self.depth = len(channels)
         self.batch_norm = batch_norm
         for i, out in enumerate(channels, start=1):
-            setattr(self, f"conv{i}", nnx.Conv(features, out, (3, 3), padding="SAME", rngs=rngs))
+            setattr(self, f"conv{i}", nnx.Conv(features, out, (3, 3), padding="SAME", conv_general_dilated=ops.conv_general_dilated, rngs=rngs))
             if batch_norm:
                 setattr(self, f"norm{i}", nnx.BatchNorm(out, rngs=rngs))
             features, height, width = out, height // 2, width // 2
@@ -109,7 +112,7 @@ class _CNN(nnx.Module):
             x = getattr(self, f"conv{i}")(x)
             if self.batch_norm:
                 x = getattr(self, f"norm{i}")(x, use_running_average=not train)
-            x = nnx.max_pool(jax.nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+            x = ops.max_pool_2x2(jax.nn.relu(x))
         x = jax.nn.relu(self.dense1(x.reshape(x.shape[0], -1)))
         x = self.dropout(x, deterministic=not train, rngs=rngs)
         return self.head(x)

@@ -20,7 +20,7 @@ are static). Scalar ``learning_rate``, ``weight_decay`` and ``l1`` live in the o
 hyperparameters (``optax.inject_hyperparams``), so they can be read and changed
 without recompiling, and vmapped over for sweeps::
 
-    state = optax.tree_utils.tree_set(state, weight_decay=1e-3)
+    state = wdjax.set_hyperparams(state, weight_decay=1e-3)   # no recompilation
 
 The mask is bound before injection, so a callable mask is never mistaken for a
 schedule (the trap of ``optax.inject_hyperparams(optax.adamw)``).
@@ -183,6 +183,14 @@ def lionw(
         optax.scale_by_lion(b1, b2), learning_rate, weight_decay, coupled=False, mask=mask, l1=l1,
         lr_coupling=lr_coupling, max_learning_rate=max_learning_rate, cautious=cautious,
     )
+
+
+def set_hyperparams(opt_state: Any, **values: Any) -> Any:
+    """Return ``opt_state`` with injected hyperparameters (``weight_decay``,
+    ``learning_rate``, ``l1``) set to ``values``, as float32 arrays like the ones they
+    replace, so a jitted step sees the same types and does not recompile (a Python
+    float set with ``optax.tree_utils.tree_set`` would be weakly typed: one recompile)."""
+    return optax.tree_utils.tree_set(opt_state, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
 
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {

@@ -40,10 +40,14 @@ class TrainState(NamedTuple):
     skipped: jax.Array  # steps dropped for non-finite gradients
 
 
-def init_state(model: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """Initialize params from ``key`` and the optimizer state from the params."""
+def init_state(
+    model: Any, optimizer: optax.GradientTransformation, key: jax.Array, params: Any = None
+) -> TrainState:
+    """Initialize params from ``key`` (or start from given ``params``, e.g. to fine-tune)
+    and the optimizer state from the params."""
     init_key, run_key = jax.random.split(key)
-    params, model_state = model.init(init_key)
+    fresh, model_state = model.init(init_key)
+    params = fresh if params is None else jax.tree.map(jnp.array, params)  # a copy: state is donated
     step, skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # distinct buffers: state is donated
     return TrainState(step, params, optimizer.init(params), model_state, run_key, skipped)
 
@@ -53,8 +57,10 @@ def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _hyperparam(opt_state: Any, name: str) -> jax.Array:
-    value = optax.tree_utils.tree_get(opt_state, name)
-    return jnp.asarray(jnp.nan if value is None else value, jnp.float32)
+    """The current value of an injected hyperparameter (NaN if the optimizer has none)."""
+    injected = jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
+    values = [s.hyperparams[name] for s in injected if name in getattr(s, "hyperparams", {})]
+    return jnp.asarray(values[0] if values else jnp.nan, jnp.float32)
 
 
 def _sq_norm(leaves: Sequence[jax.Array]) -> jax.Array:
@@ -65,7 +71,7 @@ def weight_metrics(params: Any, decayed: Sequence[bool]) -> Metrics:
     """Global and per-group (decayed / not decayed) weight norms, fraction of exact zeros."""
     floats = [(w, d) for w, d in zip(jax.tree.leaves(params), decayed) if masks.is_float(w)]
     size = sum(w.size for w, _ in floats)
-    zeros = sum((jnp.sum(w == 0) for w, _ in floats), jnp.zeros([], jnp.int32))
+    zeros = sum((jnp.sum((w == 0).astype(jnp.float32)) for w, _ in floats), jnp.zeros([], jnp.float32))
     on = _sq_norm([w for w, d in floats if d])
     off = _sq_norm([w for w, d in floats if not d])
     return {
@@ -97,24 +103,29 @@ def make_train_step(
 
     objective = regularized(data_loss, *penalties, has_aux=True)
 
+    def apply(operand: tuple) -> tuple:
+        params, opt_state, grads, model_state, _ = operand
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, model_state
+
+    def skip(operand: tuple) -> tuple:
+        params, opt_state, _, _, old_model_state = operand
+        return params, opt_state, old_model_state
+
     def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(jax.random.split(state.rng)[1], state.step)
         (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, state.model_state, batch["x"], batch["y"], rng
         )
         logits, model_state = aux.pop("aux")
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(total)
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        # a cond, not a select over the new and old states: XLA then updates in place
+        params, opt_state, model_state = jax.lax.cond(
+            ok, apply, skip, (state.params, state.opt_state, grads, model_state, state.model_state)
+        )
         new_state = TrainState(
-            state.step + 1,
-            keep(params, state.params),
-            keep(opt_state, state.opt_state),
-            keep(model_state, state.model_state),
-            state.rng,
-            state.skipped + (~ok).astype(jnp.int32),
+            state.step + 1, params, opt_state, model_state, state.rng, state.skipped + (~ok).astype(jnp.int32)
         )
         metrics = {
             "loss": aux.pop("data_loss"),
@@ -147,11 +158,13 @@ def run_steps(
     batch_size: int,
     length: int,
     rows: jax.Array | None = None,
+    unroll: bool = False,
 ) -> tuple[TrainState, Metrics]:
     """``length`` steps from ``state.step`` as one ``lax.scan``, all within one epoch.
 
     ``rows`` (optional) restricts training to those example indices (a fold), so
-    vmapped members can train on different subsets of one copy of the data."""
+    vmapped members can train on different subsets of one copy of the data.
+    ``unroll=True`` unrolls the scan (see :func:`fit` on convolutions on CPU)."""
     n = x.shape[0] if rows is None else rows.shape[0]
     steps_per_epoch = n // batch_size
     idx = epoch_batches(state.rng, state.step // steps_per_epoch, n, batch_size)
@@ -162,7 +175,7 @@ def run_steps(
     def body(state, i):
         return step(state, {"x": x[i], "y": y[i]})
 
-    return jax.lax.scan(body, state, idx)
+    return jax.lax.scan(body, state, idx, unroll=unroll)
 
 
 def evaluate(model: Any, params: Any, model_state: Any, x: Any, y: Any, batch_size: int = 2048) -> dict[str, float]:
@@ -215,6 +228,8 @@ def fit(
     checkpoints: Any = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float], list[dict]], None] | None = None,
+    params: Any = None,
+    scan: bool = True,
 ) -> FitResult:
     """Train on ``data`` (a :class:`wdjax.data.Dataset`) for ``epochs``.
 
@@ -223,25 +238,34 @@ def fit(
     loss has not improved for that many epochs and keep the best state.
     ``checkpoints``: a :class:`wdjax.checkpoint.Checkpointer`; training resumes from
     its latest checkpoint, if any. ``on_epoch(record, step_metrics)`` sees each
-    epoch's record and its per-step metrics (as host lists)."""
+    epoch's record and its per-step metrics (as host lists). ``params``: start from
+    these instead of a fresh init (fine-tuning).
+
+    ``scan=False`` dispatches the steps one by one (asynchronously: still no host round
+    trip per step) instead of one ``lax.scan`` per stretch: for models whose backward
+    pass XLA:CPU runs slowly inside a loop, such as plain ``lax`` convolutions
+    (jax-ml/jax#12868; the reference CNN avoids this with :mod:`wdjax.ops`)."""
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     batch_size = min(batch_size, x.shape[0])
     steps_per_epoch = x.shape[0] // batch_size
     total = epochs * steps_per_epoch
     step = make_train_step(model, optimizer, penalties=penalties, mask=mask)
-    run = jax.jit(run_steps, static_argnums=(0, 4, 5), donate_argnums=1)
+    run = jax.jit(run_steps, static_argnums=(0, 4, 5, 7), donate_argnums=1)
 
-    state = init_state(model, optimizer, jax.random.PRNGKey(seed))
+    state = init_state(model, optimizer, jax.random.PRNGKey(seed), params)
     history: list[dict[str, float]] = []
     if checkpoints is not None:
         state, history = checkpoints.restore(state, history)
+    one_by_one = not scan
     best: tuple[float, TrainState | None, int] = (np.inf, None, len(history))
     bar = _progress(progress, epochs, initial=len(history))
     pending: list[Metrics] = []
-    for length in chunks(int(state.step), total, steps_per_epoch, checkpoints and checkpoints.every):
-        state, metrics = run(step, state, x, y, batch_size, length)
-        pending.append(metrics)
-        done = int(state.step)
+    done = int(state.step)
+    for length in chunks(done, total, steps_per_epoch, checkpoints and checkpoints.every):
+        for n in [1] * length if one_by_one else [length]:  # async dispatch either way: no host sync
+            state, metrics = run(step, state, x, y, batch_size, n, None, one_by_one)
+            pending.append(metrics)
+        done += length
         if done % steps_per_epoch == 0:
             per_step = {k: np.concatenate([np.asarray(m[k]) for m in pending]).tolist() for k in pending[0]}
             pending = []

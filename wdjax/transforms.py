@@ -72,7 +72,7 @@ def _leafwise(
         rates = masks.leaf_rates(params, _at(rate, count), mask)  # validates mask and rates now
         if check_init is not None:
             check_init(params, rates)
-        return DecayState(count, anchor)
+        return DecayState(count, jax.tree.map(jnp.array, anchor))  # a copy: states get donated
 
     def update_fn(updates: Params, state: DecayState, params: Params | None = None):
         if params is None:
@@ -208,7 +208,7 @@ def decay_toward(anchor: Params, rate: Any, mask: Any = None, **kwargs: Any) -> 
     """Decoupled decay toward reference weights, ``u ← u − c_t·λ_t·(w − w₀)``
     (the decoupled form of L2-SP). Keyword arguments as :func:`decoupled_weight_decay`;
     ``anchor`` lives in the state, so it is checkpointed and sharded with it."""
-    return decoupled_weight_decay(rate, mask, anchor=jax.tree.map(jnp.asarray, anchor), **kwargs)
+    return decoupled_weight_decay(rate, mask, anchor=anchor, **kwargs)
 
 
 def l1_proximal(rate: Any, learning_rate: ScalarOrSchedule, mask: Any = None) -> optax.GradientTransformation:

@@ -1,0 +1,78 @@
+"""Convolution and pooling with backward passes XLA:CPU runs fast inside ``lax.scan``.
+
+XLA:CPU has a fast (Eigen) kernel only for the plain NHWC/HWIO forward convolution. In a
+plain ``jit`` it rewrites the transposed convolutions of JAX's autodiff into that form;
+inside a ``while`` loop (``lax.scan``, which :func:`wdjax.train.fit` uses) it does not,
+and they run as naive loops, ~10x slower (jax-ml/jax#12868). The gradient of
+``reduce_window`` max-pooling is a scatter, also a scalar loop on CPU. Here both
+backward passes are written as ordinary forward convolutions and elementwise ops; values
+and gradients equal those of ``lax.conv_general_dilated`` and ``nnx.max_pool``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _conv(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
+    """Stride-1 NHWC/HWIO convolution ``y = x ⋆ w`` with explicit ``padding``."""
+    return _conv(x, w, padding)
+
+
+def _conv2d_fwd(x, w, padding):
+    return _conv(x, w, padding), (x, w)
+
+
+def _conv2d_bwd(padding, res, dy):
+    (x, w), ((top, bottom), (left, right)) = res, padding
+    kh, kw = w.shape[:2]
+    # ∂x: dy correlated with the flipped kernel, input/output channels swapped.
+    dx = _conv(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)))
+    # ∂w[i, j, c, o] = Σ_{n,h,w} x_pad[n, h+i, w+j, c]·dy[n, h, w, o]: the batch is the contracted dim.
+    dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding).transpose(1, 2, 0, 3)
+    return dx, dw
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, **kwargs: Any) -> jax.Array:  # fmt: skip
+    """Drop-in for ``lax.conv_general_dilated`` (``nnx.Conv(conv_general_dilated=...)``):
+    the plain 2-D case (stride 1, no dilation, one group, NHWC/HWIO) goes through
+    :func:`conv2d`; anything else falls through to ``lax`` unchanged."""
+    plain = (
+        lhs.ndim == 4
+        and tuple(window_strides) == (1, 1)
+        and all(d in (None, (1, 1), [1, 1]) for d in (lhs_dilation, rhs_dilation))
+        and feature_group_count == 1
+        and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        and not any(v is not None for k, v in kwargs.items() if k != "precision")
+    )
+    if not plain:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, **kwargs)  # fmt: skip
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    return conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, VALID, on NHWC: the max of four strided slices, so its
+    gradient is elementwise. At exact ties ``jnp.maximum`` shares the gradient where
+    ``reduce_window`` gives it to one element; after a ReLU such ties are zeros, whose
+    gradient is zero either way."""
+    x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+    return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]), jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
