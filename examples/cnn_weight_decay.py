@@ -18,34 +18,21 @@ Run:  python examples/cnn_weight_decay.py --data-dir ../shared/data/mnist   (--q
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
-import jax
-import jax.numpy as jnp
 import optax
 
 import wdjax
 from wdjax import data, masks, models, train
 
 
-def fit(model, penalties, x, y, *, epochs, batch_size, seed):
-    """A per-step jitted loop over train.make_train_step. (train.fit runs each epoch as one
-    lax.scan, and XLA:CPU runs convolutions inside a loop body ~10x slower: jax#12868.)"""
-    opt = optax.adam(1e-3)
-    step = jax.jit(train.make_train_step(model, opt, penalties=penalties), donate_argnums=0)
-    state = train.init_state(model, opt, jax.random.PRNGKey(seed))
-    for epoch in range(epochs):
-        for idx in train.epoch_batches(state.rng, jnp.asarray(epoch), len(y), batch_size):
-            state, metrics = step(state, {"x": x[idx], "y": y[idx]})
-    return state
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred images, 1 epoch")
     parser.add_argument("--data-dir", help="directory with MNIST IDX files (default: $WDJAX_DATA)")
-    parser.add_argument("--train-size", type=int, default=2000, help="training images used")
+    parser.add_argument("--train-size", type=int, default=4000, help="training images used")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -56,7 +43,8 @@ def main(argv=None):
     except data.DataError as e:
         print(f"MNIST not found ({e}); falling back to digits")
         ds = data.load("digits")
-    x, y = jnp.asarray(ds.x_train[:train_size]), jnp.asarray(ds.y_train[:train_size])
+    ds = dataclasses.replace(ds, x_train=ds.x_train[:train_size], y_train=ds.y_train[:train_size])
+    x, y = ds.x_train, ds.y_train
     print(f"{ds.summary()}; training on {len(y)} images for {epochs} epochs")
     model = models.create("cnn", input_shape=ds.input_shape, num_classes=ds.num_classes)
 
@@ -65,7 +53,8 @@ def main(argv=None):
           f"  {'kernel ‖w‖':>10}  {'time':>5}")
     for label, penalties in [("no weight decay", []), ("L2 5e-4 (Keras)", [wdjax.l2(2 * 5e-4, masks.default())])]:
         start = time.perf_counter()
-        state = fit(model, penalties, x, y, epochs=epochs, batch_size=128, seed=args.seed)
+        state = train.fit(model, optax.adam(1e-3), ds, epochs=epochs, batch_size=128, seed=args.seed,
+                          penalties=penalties, progress=False).state
         p, s = state.params, state.model_state
         tr, te = (train.evaluate(model, p, s, a, b) for a, b in [(x, y), (ds.x_test, ds.y_test)])
         norm = float(train.weight_metrics(p, masks.resolve(p, masks.default()))["weight_norm_decayed"])

@@ -88,8 +88,7 @@ def main(argv=None):
     cosine = optax.cosine_decay_schedule(0.05, steps)
 
     def sgd(learning_rate, wd):  # SGD + momentum, then decoupled decay u ← u − η_t·λ·w
-        return optax.chain(optax.sgd(learning_rate, momentum=0.9),
-                           wdjax.decoupled_weight_decay(wd, kernels, learning_rate=learning_rate))
+        return wdjax.sgdw(learning_rate, wd, momentum=0.9, mask=kernels)
 
     print(f"\nC. SGD+momentum, lr 0.05, {epochs} epochs")
     print(f"{'setting':<28}  {'test acc':>8}  {'kernel ‖w‖':>10}")
