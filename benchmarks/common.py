@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -142,20 +143,29 @@ def wdjax_step(model: Any, opt: optax.GradientTransformation, data: dict, make_s
     return run
 
 
-def minimal_step(model: Any, opt: optax.GradientTransformation, data: dict) -> Callable[[], Any]:
+def minimal_step(model: Any, opt: optax.GradientTransformation, data: dict, *, skip: bool = False) -> Callable[[], Any]:
     """A hand-written step: loss, grad, ``opt.update``, ``apply_updates``; returns the loss
-    only (no metrics, no skipping). Params and optimizer state donated."""
+    only (no metrics). ``skip=True`` adds what the library does against non-finite steps:
+    the gradient norm, and the update under ``lax.cond(finite, update, keep)``. Params and
+    optimizer state donated."""
     params, model_state = model.init(jax.random.PRNGKey(0))
 
     def loss_fn(p, x, y):
         logits, _ = model.apply(p, model_state, x, train=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    def update(operand):
+        p, s, g = operand
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, s, x, y):
         loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
+        if not skip:
+            return (*update((p, s, g)), loss)
+        ok = jnp.isfinite(optax.tree.norm(g)) & jnp.isfinite(loss)
+        return (*jax.lax.cond(ok, update, lambda o: o[:2], (p, s, g)), loss)
 
     x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
     box = [params, opt.init(params)]

@@ -15,7 +15,7 @@ compilation, and reports median, quartiles, min and max; see ``timing.py``):
 3. ``bandwidth``: AdamW + masked decay update, bytes/s vs an in-place copy;
 4. ``sweep``: ``benchmarks/sweep_vs_sequential.py``'s ``main`` (if present);
 5. ``compile``: compile time, recompilations when λ or η change;
-6. ``cnn``: where XLA:CPU loses on the CNN (pieces, formulations, XLA_FLAGS).
+6. ``cnn``: where the CNN's time goes on XLA:CPU (pieces, backward passes in ``lax.scan``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Config:
     quick: bool = False
     torch_compile: bool = True
-    cnn_flags: bool = True
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -91,8 +90,12 @@ class Config:
         return 1 if self.quick else 3
 
     @property
-    def cnn_step_rounds(self) -> int:
-        return 2 if self.quick else 6
+    def cnn_scan_length(self) -> int:
+        return 2 if self.quick else 4
+
+    @property
+    def sweep_argv(self) -> list[str]:
+        return ["--quick"] if self.quick else []
 
 
 def run_sweep(cfg: Config) -> dict[str, Any]:
@@ -103,7 +106,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
 
     if not hasattr(sweep_vs_sequential, "main"):
         return {"status": "not available yet (no main)"}
-    argv = ["--quick"] if cfg.quick else []
+    argv = cfg.sweep_argv
     result = sweep_vs_sequential.main(argv)
     return {"status": "ok", "argv": argv, "result": result}
 
@@ -139,7 +142,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results; --quick: a temp dir)")
     p.add_argument("--markdown", default=None, help="where to write the table (default: benchmarks/RESULTS.md; --quick: none)")
     p.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow to compile)")
-    p.add_argument("--no-xla-flags", action="store_true", help="skip the XLA_FLAGS child processes")
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for PyTorch's OpenMP threads, "
                    "set before torch is imported (default PASSIVE: with ACTIVE, PyTorch's spinning threads collapse "
                    "when other processes load the cores; '' leaves the environment alone)")
@@ -149,7 +151,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = Config(
         quick=args.quick,
         torch_compile=not (args.quick or args.no_torch_compile),
-        cnn_flags=not (args.quick or args.no_xla_flags),
     )
 
     import jax
