@@ -79,7 +79,7 @@ def sequential(
         for length in train.chunks(0, epochs * steps_per_epoch, steps_per_epoch, None):
             state, metrics = _run(step, state, x, y, batch_size, length)
             per_step = {k: np.asarray(v).tolist() for k, v in metrics.items()}
-            train._epoch_record(model, state, ds, per_step, int(state.step) // steps_per_epoch)
+            train.epoch_record(model, state, ds, per_step, int(state.step) // steps_per_epoch)
         states.append(state)
     return states
 

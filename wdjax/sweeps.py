@@ -55,10 +55,10 @@ from wdjax._checks import check_rate
 from wdjax.train import (
     Metrics,
     TrainState,
-    _progress,
     chunks,
     init_state,
     make_train_step,
+    progress_bar,
     run_steps,
 )
 
@@ -266,7 +266,7 @@ def _train(
     steps_per_epoch = d.n_train // batch_size
     n = len(seeds)
     n_chunks = -(-n // chunk_size)
-    bar = _progress(progress, n_chunks * epochs, initial=0)
+    bar = progress_bar(progress, n_chunks * epochs, initial=0)
     history, finals = [], []
     for c in range(n_chunks):
         members = np.minimum(np.arange(c * chunk_size, (c + 1) * chunk_size), n - 1)

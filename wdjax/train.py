@@ -258,7 +258,7 @@ def fit(
         state, history = checkpoints.restore(state, history)
     one_by_one = not scan
     best: tuple[float, TrainState | None, int] = (np.inf, None, len(history))
-    bar = _progress(progress, epochs, initial=len(history))
+    bar = progress_bar(progress, epochs, initial=len(history))
     pending: list[Metrics] = []
     done = int(state.step)
     for length in chunks(done, total, steps_per_epoch, checkpoints and checkpoints.every):
@@ -269,7 +269,7 @@ def fit(
         if done % steps_per_epoch == 0:
             per_step = {k: np.concatenate([np.asarray(m[k]) for m in pending]).tolist() for k in pending[0]}
             pending = []
-            record = _epoch_record(model, state, data, per_step, done // steps_per_epoch)
+            record = epoch_record(model, state, data, per_step, done // steps_per_epoch)
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record, per_step)
@@ -290,14 +290,16 @@ def fit(
 _LAST = ("learning_rate", "weight_decay", "skipped", "weight_norm", "weight_norm_decayed", "weight_norm_other", "zero_fraction")
 
 
-def _epoch_record(model: Any, state: TrainState, data: Any, per_step: dict, epoch: int) -> dict[str, float]:
+def epoch_record(model: Any, state: TrainState, data: Any, per_step: dict, epoch: int) -> dict[str, float]:
+    """One epoch's history record: step-metric means (last values for :data:`_LAST`) and validation."""
     val = evaluate(model, state.params, state.model_state, data.x_val, data.y_val)
     means = {k: float(np.mean(v)) for k, v in per_step.items()}
     last = {k: float(per_step[k][-1]) for k in _LAST}
     return {"epoch": epoch, "step": int(state.step), **means, **last, "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
 
 
-def _progress(enabled: bool, total: int, initial: int) -> Any:
+def progress_bar(enabled: bool, total: int, initial: int) -> Any:
+    """A tqdm bar over epochs, or a silent stand-in when disabled or tqdm is missing."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are an optional extra
