@@ -28,7 +28,9 @@ def make_params(n: int, kernels: int = 4, biases: int = 8) -> dict[str, Any]:
     """``kernels`` large (rows, 1024) leaves holding about ``n`` floats, plus ``biases``
     1024-wide bias leaves (not decayed)."""
     rows = max(1, n // kernels // COLS)
-    params = {f"layer{i}": {"kernel": jnp.full((rows, COLS), 0.01, jnp.float32)} for i in range(kernels)}
+    params = {
+        f"layer{i}": {"kernel": jnp.full((rows, COLS), 0.01, jnp.float32)} for i in range(kernels)
+    }
     for i in range(biases):
         params[f"layer{i % kernels}"][f"bias{i // kernels}"] = jnp.zeros((COLS,), jnp.float32)
     return params
@@ -89,8 +91,12 @@ def run(cfg: Any) -> dict[str, Any]:
             "numpy_copyto": _numpy_copier(n_copy),
         }
         del params
-        bytes_moved = {"wdjax_adamw": BYTES_PER_PARAM * n, "optax_adamw": BYTES_PER_PARAM * n,
-                       "copy": 8 * n_copy, "numpy_copyto": 8 * n_copy}
+        bytes_moved = {
+            "wdjax_adamw": BYTES_PER_PARAM * n,
+            "optax_adamw": BYTES_PER_PARAM * n,
+            "copy": 8 * n_copy,
+            "numpy_copyto": 8 * n_copy,
+        }
         res = interleaved(contenders, rounds=cfg.bandwidth_rounds, number=cfg.bandwidth_number(n))
         for k, r in res.items():
             r["bytes"] = bytes_moved[k]
@@ -103,12 +109,17 @@ def run(cfg: Any) -> dict[str, Any]:
             "ratios": {
                 "wdjax_adamw/copy": res["wdjax_adamw"]["GB_per_s"] / copy_bw,
                 "optax_adamw/copy": res["optax_adamw"]["GB_per_s"] / copy_bw,
-                "wdjax_adamw/optax_adamw": res["wdjax_adamw"]["GB_per_s"] / res["optax_adamw"]["GB_per_s"],
+                "wdjax_adamw/optax_adamw": res["wdjax_adamw"]["GB_per_s"]
+                / res["optax_adamw"]["GB_per_s"],
             },
         }
         entry["met"] = entry["ratios"]["wdjax_adamw/copy"] >= TARGET
         out["sizes"][str(n_target)] = entry
-        print(f"  bandwidth {n:,} params: " + ", ".join(f"{k} {v['GB_per_s']:.2f} GB/s" for k, v in res.items()), flush=True)
+        print(
+            f"  bandwidth {n:,} params: "
+            + ", ".join(f"{k} {v['GB_per_s']:.2f} GB/s" for k, v in res.items()),
+            flush=True,
+        )
         del contenders, grads
         gc.collect()
     return out

@@ -22,7 +22,9 @@ CANONICAL = "b01f_01io->b01f"  # the only conv form XLA:CPU runs with its fast E
 
 def lax_conv(x, w):
     """The plain ``lax`` conv; differentiated by JAX's autodiff (transposed convs)."""
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def ops_conv(x, w):
@@ -77,7 +79,8 @@ def components(cfg: Any) -> dict[str, Any]:
     x1, w1, x2, w2, a1 = a["x1"], a["w1"], a["x2"], a["w2"], a["a1"]
     pieces: dict[str, dict[str, Any]] = {
         "conv1 backward dW (1->32, 28x28)": {
-            "lax_autodiff": _jax(_loss_grad(lax_conv, 1), x1, w1), "wdjax_ops": _jax(_loss_grad(ops_conv, 1), x1, w1),
+            "lax_autodiff": _jax(_loss_grad(lax_conv, 1), x1, w1),
+            "wdjax_ops": _jax(_loss_grad(ops_conv, 1), x1, w1),
         },
         "conv2 forward (32->64, 14x14)": {"jax": _jax(lax_conv, x2, w2)},
         "conv2 backward dx+dW": {
@@ -103,11 +106,13 @@ def components(cfg: Any) -> dict[str, Any]:
             def f():
                 with torch.no_grad():
                     return F.conv2d(x, w, padding=1)
+
             return f
 
         def bwd(x, w):
             def f():
                 (F.conv2d(x, w, padding=1) ** 2).sum().backward()
+
             return f
 
         def pool():
@@ -123,7 +128,11 @@ def components(cfg: Any) -> dict[str, Any]:
     for piece, contenders in pieces.items():
         res = interleaved(contenders, rounds=cfg.cnn_rounds, number=cfg.cnn_number)
         out[piece] = res
-        print(f"  cnn {piece}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in res.items()), flush=True)
+        print(
+            f"  cnn {piece}: "
+            + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in res.items()),
+            flush=True,
+        )
     return out
 
 
@@ -148,8 +157,16 @@ def in_scan(cfg: Any) -> dict[str, Any]:
             "wdjax_ops": _jax(_scanned(ops_conv, length, wrt_x), x, w),
         }
         res = interleaved(contenders, rounds=cfg.cnn_rounds, warmup=1)
-        out[piece] = {k: {**_per_iteration(v, length), "scan_length": length} for k, v in res.items()}
-        print(f"  cnn {piece}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms/iteration" for k, v in out[piece].items()), flush=True)
+        out[piece] = {
+            k: {**_per_iteration(v, length), "scan_length": length} for k, v in res.items()
+        }
+        print(
+            f"  cnn {piece}: "
+            + ", ".join(
+                f"{k} {v['median_s'] * 1e3:.1f} ms/iteration" for k, v in out[piece].items()
+            ),
+            flush=True,
+        )
     return out
 
 
@@ -169,11 +186,21 @@ def scan_convs(cfg: Any) -> dict[str, Any]:
     state = train.init_state(model, opt, jax.random.PRNGKey(0))
     a = _arrays(B)
     texts = {
-        "wdjax CNN train step (jit)": jax.jit(step).lower(state, {"x": data["x"][:B], "y": data["y"][:B]}),
-        "wdjax CNN run_steps (lax.scan)": jax.jit(train.run_steps, static_argnums=(0, 4, 5)).lower(step, state, data["x"], data["y"], B, L),
-        "lax autodiff conv2 backward (jit)": jax.jit(_loss_grad(lax_conv, (0, 1))).lower(a["x2"], a["w2"]),
-        "lax autodiff conv2 backward (lax.scan)": jax.jit(_scanned(lax_conv, L, True)).lower(a["x2"], a["w2"]),
-        "wdjax.ops conv2 backward (lax.scan)": jax.jit(_scanned(ops_conv, L, True)).lower(a["x2"], a["w2"]),
+        "wdjax CNN train step (jit)": jax.jit(step).lower(
+            state, {"x": data["x"][:B], "y": data["y"][:B]}
+        ),
+        "wdjax CNN run_steps (lax.scan)": jax.jit(train.run_steps, static_argnums=(0, 4, 5)).lower(
+            step, state, data["x"], data["y"], B, L
+        ),
+        "lax autodiff conv2 backward (jit)": jax.jit(_loss_grad(lax_conv, (0, 1))).lower(
+            a["x2"], a["w2"]
+        ),
+        "lax autodiff conv2 backward (lax.scan)": jax.jit(_scanned(lax_conv, L, True)).lower(
+            a["x2"], a["w2"]
+        ),
+        "wdjax.ops conv2 backward (lax.scan)": jax.jit(_scanned(ops_conv, L, True)).lower(
+            a["x2"], a["w2"]
+        ),
     }
     out = {k: _conv_forms(v.compile().as_text()) for k, v in texts.items()}
     print(f"  cnn non-canonical convs: {out}", flush=True)
@@ -191,7 +218,9 @@ def check_ops(cfg: Any) -> dict[str, float]:
         "conv_value": float(jnp.max(jnp.abs(lax_conv(x, w) - ops_conv(x, w)))),
         "conv_grads": max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(gl, go)),
         "pool_value": float(jnp.max(jnp.abs(reduce_window_pool(p) - ops.max_pool_2x2(p)))),
-        "pool_grad_after_relu": float(jnp.max(jnp.abs(pool_grad(reduce_window_pool) - pool_grad(ops.max_pool_2x2)))),
+        "pool_grad_after_relu": float(
+            jnp.max(jnp.abs(pool_grad(reduce_window_pool) - pool_grad(ops.max_pool_2x2)))
+        ),
     }
 
 

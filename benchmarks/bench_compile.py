@@ -32,24 +32,38 @@ def compile_times(name: str, cfg: Any) -> dict[str, Any]:
     params, model_state = model.init(jax.random.PRNGKey(0))
     oopt = common.optax_adamw(model)
     L = cfg.scan_length
-    xs = jnp.zeros((cfg.batch_size * L, *common.INPUT_SHAPE)), jnp.zeros((cfg.batch_size * L,), jnp.int32)
+    xs = (
+        jnp.zeros((cfg.batch_size * L, *common.INPUT_SHAPE)),
+        jnp.zeros((cfg.batch_size * L,), jnp.int32),
+    )
 
     def optax_step(p, s, x, y):
         def loss_fn(p):
             logits, _ = model.apply(p, model_state, x, train=True)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
         loss, g = jax.value_and_grad(loss_fn)(p)
         u, s = oopt.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
     out: dict[str, Any] = {}
     makers = {
-        "wdjax_step": lambda: (jax.jit(train.make_train_step(model, opt), donate_argnums=0), (state, data)),
+        "wdjax_step": lambda: (
+            jax.jit(train.make_train_step(model, opt), donate_argnums=0),
+            (state, data),
+        ),
         "wdjax_scan": lambda: (
-            jax.jit(functools.partial(train.run_steps, train.make_train_step(model, opt)), static_argnums=(3, 4), donate_argnums=0),
+            jax.jit(
+                functools.partial(train.run_steps, train.make_train_step(model, opt)),
+                static_argnums=(3, 4),
+                donate_argnums=0,
+            ),
             (state, *xs, cfg.batch_size, L),
         ),
-        "optax_step": lambda: (jax.jit(optax_step, donate_argnums=(0, 1)), (params, oopt.init(params), data["x"], data["y"])),
+        "optax_step": lambda: (
+            jax.jit(optax_step, donate_argnums=(0, 1)),
+            (params, oopt.init(params), data["x"], data["y"]),
+        ),
     }
     if cfg.quick:
         del makers["wdjax_scan"]
@@ -89,7 +103,9 @@ def recompilations(cfg: Any) -> dict[str, Any]:
         state, m = step(state._replace(opt_state=s), data)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-        seen_ok &= bool(jnp.isclose(m["learning_rate"], lr)) and bool(jnp.isclose(m["weight_decay"], wd))
+        seen_ok &= bool(jnp.isclose(m["learning_rate"], lr)) and bool(
+            jnp.isclose(m["weight_decay"], wd)
+        )
     wdjax_set = step._cache_size() - base
     # contrast: optax's tree_set with Python floats stores weakly typed scalars, a new input type
     before = step._cache_size()
@@ -147,8 +163,15 @@ def run(cfg: Any) -> dict[str, Any]:
     }
     out["recompilation"] = recompilations(cfg)
     for name, r in out["models"].items():
-        print(f"  compile {name}: " + ", ".join(f"{k} {v['total_s']:.2f}s" for k, v in r.items() if isinstance(v, dict)), flush=True)
+        print(
+            f"  compile {name}: "
+            + ", ".join(f"{k} {v['total_s']:.2f}s" for k, v in r.items() if isinstance(v, dict)),
+            flush=True,
+        )
     rc = out["recompilation"]
-    print(f"  recompiles: set_hyperparams {rc['wdjax_set_hyperparams_recompiles']}, tree_set floats {rc['tree_set_python_floats_recompiles']}, "
-          f"optax re-created {rc['optax_recreated_recompiles']}", flush=True)
+    print(
+        f"  recompiles: set_hyperparams {rc['wdjax_set_hyperparams_recompiles']}, tree_set floats {rc['tree_set_python_floats_recompiles']}, "
+        f"optax re-created {rc['optax_recreated_recompiles']}",
+        flush=True,
+    )
     return out

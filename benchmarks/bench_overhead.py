@@ -18,7 +18,7 @@ def big_copies(jitted: Any, *args: Any) -> int:
     """Non-scalar float32 ``copy`` instructions in the compiled entry computation (the
     ``jnp.where`` skip the library used before made XLA copy every Adam moment first)."""
     text = jitted.lower(*args).compile().as_text()
-    entry = text[text.index("ENTRY"):]
+    entry = text[text.index("ENTRY") :]
     return len(re.findall(r"= f32\[\d[\d,]*\]\{[\d,]*\} copy\(", entry))
 
 
@@ -39,20 +39,35 @@ def run(cfg: Any) -> dict[str, Any]:
         contenders = {
             "optax": common.minimal_step(model, common.optax_adamw(model), data),
             "wdjax_optimizer_minimal": common.minimal_step(model, common.wdjax_optimizer(), data),
-            "wdjax_optimizer_minimal_skip": common.minimal_step(model, common.wdjax_optimizer(), data, skip=True),
+            "wdjax_optimizer_minimal_skip": common.minimal_step(
+                model, common.wdjax_optimizer(), data, skip=True
+            ),
             "wdjax_step": common.wdjax_step(model, common.wdjax_optimizer(), data),
             "wdjax_step_no_weight_metrics": common.wdjax_step(
-                model, common.wdjax_optimizer(), data, make_step=proposals.make_train_step_without_weight_metrics
+                model,
+                common.wdjax_optimizer(),
+                data,
+                make_step=proposals.make_train_step_without_weight_metrics,
             ),
         }
-        res = interleaved(contenders, rounds=cfg.overhead_rounds[name], number=cfg.overhead_number[name])
+        res = interleaved(
+            contenders, rounds=cfg.overhead_rounds[name], number=cfg.overhead_number[name]
+        )
         ratios = {
             "wdjax_step/optax": ratio(res, "wdjax_step", "optax"),
-            "wdjax_step/wdjax_optimizer_minimal": ratio(res, "wdjax_step", "wdjax_optimizer_minimal"),
+            "wdjax_step/wdjax_optimizer_minimal": ratio(
+                res, "wdjax_step", "wdjax_optimizer_minimal"
+            ),
             "wdjax_optimizer_minimal/optax": ratio(res, "wdjax_optimizer_minimal", "optax"),
-            "wdjax_optimizer_minimal_skip/optax": ratio(res, "wdjax_optimizer_minimal_skip", "optax"),
-            "wdjax_step_no_weight_metrics/optax": ratio(res, "wdjax_step_no_weight_metrics", "optax"),
-            "wdjax_step/wdjax_step_no_weight_metrics": ratio(res, "wdjax_step", "wdjax_step_no_weight_metrics"),
+            "wdjax_optimizer_minimal_skip/optax": ratio(
+                res, "wdjax_optimizer_minimal_skip", "optax"
+            ),
+            "wdjax_step_no_weight_metrics/optax": ratio(
+                res, "wdjax_step_no_weight_metrics", "optax"
+            ),
+            "wdjax_step/wdjax_step_no_weight_metrics": ratio(
+                res, "wdjax_step", "wdjax_step_no_weight_metrics"
+            ),
         }
         ratios_min = {k: ratio(res, *k.split("/"), key="min_s") for k in ratios}
         entry: dict[str, Any] = {
@@ -66,7 +81,10 @@ def run(cfg: Any) -> dict[str, Any]:
             step = jax.jit(train.make_train_step(model, common.wdjax_optimizer()), donate_argnums=0)
             entry["compiled_copies"] = big_copies(step, state, jax.device_put(data))
         out["models"][name] = entry
-        print(f"  overhead {name}: wdjax_step/optax {ratios['wdjax_step/optax']:.3f} (min-based {ratios_min['wdjax_step/optax']:.3f}), "
-              f"step/minimal {ratios['wdjax_step/wdjax_optimizer_minimal']:.3f}, optimizer {ratios['wdjax_optimizer_minimal/optax']:.3f}, "
-              f"no weight metrics/optax {ratios['wdjax_step_no_weight_metrics/optax']:.3f}", flush=True)
+        print(
+            f"  overhead {name}: wdjax_step/optax {ratios['wdjax_step/optax']:.3f} (min-based {ratios_min['wdjax_step/optax']:.3f}), "
+            f"step/minimal {ratios['wdjax_step/wdjax_optimizer_minimal']:.3f}, optimizer {ratios['wdjax_optimizer_minimal/optax']:.3f}, "
+            f"no weight metrics/optax {ratios['wdjax_step_no_weight_metrics/optax']:.3f}",
+            flush=True,
+        )
     return out

@@ -50,7 +50,9 @@ def run(cfg: Any) -> dict[str, Any]:
         steps_per_call = {k: v[1] for k, v in contenders.items()}
         # each timed sample covers about L steps (one call of a longer scan)
         calls = {k: max(1, L // v) for k, v in steps_per_call.items()}
-        wrapped = {k: (lambda f=f, n=calls[k]: [f() for _ in range(n)]) for k, (f, _) in contenders.items()}
+        wrapped = {
+            k: (lambda f=f, n=calls[k]: [f() for _ in range(n)]) for k, (f, _) in contenders.items()
+        }
         res = interleaved(wrapped, rounds=cfg.throughput_rounds[name], warmup=1)
         table = {}
         for k, r in res.items():
@@ -70,10 +72,18 @@ def run(cfg: Any) -> dict[str, Any]:
             best_torch = max(torch_names, key=lambda k: table[k]["images_per_s"])
             tb = table[best_torch]["images_per_s"]
             entry["best_torch"] = best_torch
-            entry["ratios"] = {f"{k}/{best_torch}": v["images_per_s"] / tb for k, v in table.items() if k.startswith("jax")}
+            entry["ratios"] = {
+                f"{k}/{best_torch}": v["images_per_s"] / tb
+                for k, v in table.items()
+                if k.startswith("jax")
+            }
             entry["best_jax"] = jax_best
             entry["ratio_library"] = table[jax_best]["images_per_s"] / tb
             entry["met"] = entry["ratio_library"] >= TARGET
-        print(f"  throughput {name}: " + ", ".join(f"{k} {v['images_per_s']:.0f}/s" for k, v in table.items()), flush=True)
+        print(
+            f"  throughput {name}: "
+            + ", ".join(f"{k} {v['images_per_s']:.0f}/s" for k, v in table.items()),
+            flush=True,
+        )
         out["models"][name] = entry
     return out

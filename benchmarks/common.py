@@ -127,7 +127,9 @@ def wdjax_optimizer() -> optax.GradientTransformation:
 # ---------------------------------------------------------------- JAX contenders
 
 
-def wdjax_step(model: Any, opt: optax.GradientTransformation, data: dict, make_step=None) -> Callable[[], Any]:
+def wdjax_step(
+    model: Any, opt: optax.GradientTransformation, data: dict, make_step=None
+) -> Callable[[], Any]:
     """The library's train step (metrics and all), jitted with the state donated."""
     make_step = make_step or train.make_train_step
     step = jax.jit(make_step(model, opt), donate_argnums=0)
@@ -143,7 +145,9 @@ def wdjax_step(model: Any, opt: optax.GradientTransformation, data: dict, make_s
     return run
 
 
-def minimal_step(model: Any, opt: optax.GradientTransformation, data: dict, *, skip: bool = False) -> Callable[[], Any]:
+def minimal_step(
+    model: Any, opt: optax.GradientTransformation, data: dict, *, skip: bool = False
+) -> Callable[[], Any]:
     """A hand-written step: loss, grad, ``opt.update``, ``apply_updates``; returns the loss
     only (no metrics). ``skip=True`` adds what the library does against non-finite steps:
     the gradient norm, and the update under ``lax.cond(finite, update, keep)``. Params and
@@ -183,7 +187,14 @@ def optax_adamw(model: Any) -> optax.GradientTransformation:
     return optax.adamw(LR, weight_decay=WD, mask=kernel_mask(params))
 
 
-def scanned_steps(model: Any, opt: optax.GradientTransformation, batch_size: int, length: int, make_step=None, seed: int = 0) -> Callable[[], Any]:
+def scanned_steps(
+    model: Any,
+    opt: optax.GradientTransformation,
+    batch_size: int,
+    length: int,
+    make_step=None,
+    seed: int = 0,
+) -> Callable[[], Any]:
     """``length`` library steps as one ``lax.scan`` over device-resident data, as ``fit``
     runs them (``train.run_steps``, state donated): one call is one epoch of
     ``batch_size * length`` random examples."""
@@ -218,20 +229,29 @@ def torch_model(name: str):
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(),
-            nn.Linear(784, 512), nn.ReLU(),
-            nn.Linear(512, 512), nn.ReLU(),
+            nn.Linear(784, 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
             nn.Linear(512, 10),
         )
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 64), nn.ReLU(),
+        nn.Linear(64 * 7 * 7, 64),
+        nn.ReLU(),
         nn.Linear(64, 10),
     )
 
 
-def torch_step(name: str, data: dict, *, compiled: bool, threads: int = TORCH_THREADS) -> Callable[[], Any]:
+def torch_step(
+    name: str, data: dict, *, compiled: bool, threads: int = TORCH_THREADS
+) -> Callable[[], Any]:
     """PyTorch AdamW (no decay on biases) on the same architecture and batch (NCHW),
     run with ``threads`` intra-op threads (set before every call)."""
     import torch

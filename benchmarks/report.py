@@ -42,7 +42,17 @@ def _timing_rows(res: dict[str, Any], base: str | None = None) -> list[list[str]
     rows = []
     for k, r in res.items():
         rel = _f(r["median_s"] / res[base]["median_s"]) if base and base in res else "–"
-        rows.append([f"`{k}`", _ms(r["median_s"]), f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}", _ms(r["min_s"]), _ms(r["max_s"]), str(r["rounds"]), rel])
+        rows.append(
+            [
+                f"`{k}`",
+                _ms(r["median_s"]),
+                f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}",
+                _ms(r["min_s"]),
+                _ms(r["max_s"]),
+                str(r["rounds"]),
+                rel,
+            ]
+        )
     return rows
 
 
@@ -64,38 +74,79 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     for name in ("mlp", "cnn"):
         e = _get(b, "overhead", "models", name)
         if e:
-            rows.append([f"1. overhead, {name.upper()}: wdjax train step / hand-written optax step",
-                         f"{_f(e['ratios']['wdjax_step/optax'])} (min-based {_f(e['ratios_min']['wdjax_step/optax'])})",
-                         "≤ 1.03", _yes(e["met"])])
+            rows.append(
+                [
+                    f"1. overhead, {name.upper()}: wdjax train step / hand-written optax step",
+                    f"{_f(e['ratios']['wdjax_step/optax'])} (min-based {_f(e['ratios_min']['wdjax_step/optax'])})",
+                    "≤ 1.03",
+                    _yes(e["met"]),
+                ]
+            )
     for name in ("mlp", "cnn"):
         e = _get(b, "overhead", "models", name)
         if e:
-            rows.append([f"1. per-step weight metrics, {name.upper()}: wdjax step / same step without them",
-                         f"{_f(e['ratios']['wdjax_step/wdjax_step_no_weight_metrics'])} (without them: "
-                         f"{_f(e['ratios']['wdjax_step_no_weight_metrics/optax'])} × optax)", "(reported)", "–"])
+            rows.append(
+                [
+                    f"1. per-step weight metrics, {name.upper()}: wdjax step / same step without them",
+                    f"{_f(e['ratios']['wdjax_step/wdjax_step_no_weight_metrics'])} (without them: "
+                    f"{_f(e['ratios']['wdjax_step_no_weight_metrics/optax'])} × optax)",
+                    "(reported)",
+                    "–",
+                ]
+            )
     for name in ("mlp", "cnn"):
         e = _get(b, "throughput", "models", name)
         if e and "ratio_library" in e:
-            rows.append([f"2. throughput, {name.upper()}: best wdjax (`{e['best_jax']}`) / best PyTorch (`{e['best_torch']}`)",
-                         _f(e["ratio_library"]), "≥ 1.0", _yes(e["met"])])
+            rows.append(
+                [
+                    f"2. throughput, {name.upper()}: best wdjax (`{e['best_jax']}`) / best PyTorch (`{e['best_torch']}`)",
+                    _f(e["ratio_library"]),
+                    "≥ 1.0",
+                    _yes(e["met"]),
+                ]
+            )
     for e in (_get(b, "bandwidth", "sizes") or {}).values():
-        rows.append([f"3. update bandwidth, {e['params']:,} params: wdjax AdamW / in-place copy",
-                     f"{_f(e['ratios']['wdjax_adamw/copy'])} ({_f(e['contenders']['wdjax_adamw']['GB_per_s'], '.1f')} vs "
-                     f"{_f(e['contenders']['copy']['GB_per_s'], '.1f')} GB/s)", "≥ 0.8", _yes(e["met"])])
+        rows.append(
+            [
+                f"3. update bandwidth, {e['params']:,} params: wdjax AdamW / in-place copy",
+                f"{_f(e['ratios']['wdjax_adamw/copy'])} ({_f(e['contenders']['wdjax_adamw']['GB_per_s'], '.1f')} vs "
+                f"{_f(e['contenders']['copy']['GB_per_s'], '.1f')} GB/s)",
+                "≥ 0.8",
+                _yes(e["met"]),
+            ]
+        )
     sw = _get(b, "sweep")
     r = _get(sw, "result")
     if r and "ratio_user" in r:
         k = r["members"]
-        rows.append([f"4a. sweep / {k} `fit` calls as a user runs them (time, compilation included on both sides)",
-                     f"{_f(r['ratio_user'])} (best rounds {_f(r['ratio_user_best'])})", f"≤ {r['target']}", _yes(r["met_user"])])
-        rows.append([f"4b. sweep / {k} sequential runs, warm compute (one compiled epoch reused, no compilation)",
-                     f"{_f(r['ratio_warm'])} (best rounds {_f(r['ratio_warm_best'])})", f"≤ {r['target']}", _yes(r["met_warm"])])
+        rows.append(
+            [
+                f"4a. sweep / {k} `fit` calls as a user runs them (time, compilation included on both sides)",
+                f"{_f(r['ratio_user'])} (best rounds {_f(r['ratio_user_best'])})",
+                f"≤ {r['target']}",
+                _yes(r["met_user"]),
+            ]
+        )
+        rows.append(
+            [
+                f"4b. sweep / {k} sequential runs, warm compute (one compiled epoch reused, no compilation)",
+                f"{_f(r['ratio_warm'])} (best rounds {_f(r['ratio_warm_best'])})",
+                f"≤ {r['target']}",
+                _yes(r["met_warm"]),
+            ]
+        )
     elif sw:
         rows.append(["4. sweep / sequential", sw.get("status", "–"), "≤ 0.35", "–"])
     rc = _get(b, "compile", "recompilation")
     if rc:
-        rows.append([f"5. recompilations after {rc['changes']} changes of λ, η with `wdjax.set_hyperparams`",
-                     str(rc["wdjax_set_hyperparams_recompiles"]), "0", _yes(rc["met"])])
+        rows.append(
+            [
+                f"5. recompilations after {rc['changes']} changes of λ, η with `wdjax.set_hyperparams`",
+                str(rc["wdjax_set_hyperparams_recompiles"]),
+                "0",
+                _yes(rc["met"]),
+            ]
+        )
     return rows
 
 
@@ -153,7 +204,11 @@ def render(results: dict[str, Any], before: dict[str, Any] | None = None) -> str
 
 def _rel(path: str) -> str:
     root = os.path.dirname(HERE)
-    return os.path.relpath(path, root) if path and os.path.abspath(path).startswith(root + os.sep) else path
+    return (
+        os.path.relpath(path, root)
+        if path and os.path.abspath(path).startswith(root + os.sep)
+        else path
+    )
 
 
 def _error(section: Any) -> list[str]:
@@ -165,25 +220,61 @@ def _error(section: Any) -> list[str]:
 def _overhead(s: Any, before: Any = None) -> list[str]:
     if not s:
         return []
-    out = ["## 1. Overhead of the wdjax train step", "", s.get("what", ""), "", f"Target: {s.get('target')}.", ""] + _error(s)
+    out = [
+        "## 1. Overhead of the wdjax train step",
+        "",
+        s.get("what", ""),
+        "",
+        f"Target: {s.get('target')}.",
+        "",
+    ] + _error(s)
     for name, e in (s.get("models") or {}).items():
-        out += [f"### {name.upper()}", "", _table([h.format(base="optax") for h in TIMING_HEAD], _timing_rows(e["contenders"], "optax")), ""]
-        out += ["Ratios (medians; min-based in parentheses): " + "; ".join(
-            f"{k} {_f(r)} ({_f(e['ratios_min'][k])})" for k, r in e["ratios"].items()) + ".", ""]
+        out += [
+            f"### {name.upper()}",
+            "",
+            _table(
+                [h.format(base="optax") for h in TIMING_HEAD],
+                _timing_rows(e["contenders"], "optax"),
+            ),
+            "",
+        ]
+        out += [
+            "Ratios (medians; min-based in parentheses): "
+            + "; ".join(f"{k} {_f(r)} ({_f(e['ratios_min'][k])})" for k, r in e["ratios"].items())
+            + ".",
+            "",
+        ]
         old = _get(before, "benchmarks", "overhead", "models", name)
         if "compiled_copies" in e:
-            out += [f"Full-size `copy` instructions in the compiled library step: {e['compiled_copies']}"
-                    + (f" (before the `lax.cond` skip: {old['compiled_copies']['wdjax_step']})" if _get(old, "compiled_copies") else "")
-                    + ".", ""]
+            out += [
+                f"Full-size `copy` instructions in the compiled library step: {e['compiled_copies']}"
+                + (
+                    f" (before the `lax.cond` skip: {old['compiled_copies']['wdjax_step']})"
+                    if _get(old, "compiled_copies")
+                    else ""
+                )
+                + ".",
+                "",
+            ]
         if old:
-            out += [f"Before the fix (section 7's run): wdjax_step / optax {_f(old['ratios']['wdjax_step/optax'])}.", ""]
+            out += [
+                f"Before the fix (section 7's run): wdjax_step / optax {_f(old['ratios']['wdjax_step/optax'])}.",
+                "",
+            ]
     return out
 
 
 def _throughput(s: Any) -> list[str]:
     if not s:
         return []
-    out = ["## 2. Training throughput vs PyTorch", "", s.get("what", ""), "", f"Target: {s.get('target')}.", ""] + _error(s)
+    out = [
+        "## 2. Training throughput vs PyTorch",
+        "",
+        s.get("what", ""),
+        "",
+        f"Target: {s.get('target')}.",
+        "",
+    ] + _error(s)
     if not s.get("torch_compile"):
         out += ["(`torch.compile` skipped in this run.)", ""]
     for name, e in (s.get("models") or {}).items():
@@ -191,23 +282,69 @@ def _throughput(s: Any) -> list[str]:
         rows = []
         for k, r in e["contenders"].items():
             rel = _f(r["images_per_s"] / e["contenders"][best]["images_per_s"]) if best else "–"
-            rows.append([f"`{k}`", f"{r['images_per_s']:.0f}", f"{r['images_per_s_q1']:.0f}–{r['images_per_s_q3']:.0f}",
-                         f"{r['images_per_s_best']:.0f}", str(r["rounds"]), rel])
-        out += [f"### {name.upper()}", "", _table(["contender", "images/s (median)", "IQR", "best round", "rounds", f"× `{best}`"], rows), ""]
+            rows.append(
+                [
+                    f"`{k}`",
+                    f"{r['images_per_s']:.0f}",
+                    f"{r['images_per_s_q1']:.0f}–{r['images_per_s_q3']:.0f}",
+                    f"{r['images_per_s_best']:.0f}",
+                    str(r["rounds"]),
+                    rel,
+                ]
+            )
+        out += [
+            f"### {name.upper()}",
+            "",
+            _table(
+                ["contender", "images/s (median)", "IQR", "best round", "rounds", f"× `{best}`"],
+                rows,
+            ),
+            "",
+        ]
         if e.get("first_call_s"):
-            out += ["First call (PyTorch compile / warm-up): " + ", ".join(f"{k} {t:.1f} s" for k, t in e["first_call_s"].items()) + ".", ""]
+            out += [
+                "First call (PyTorch compile / warm-up): "
+                + ", ".join(f"{k} {t:.1f} s" for k, t in e["first_call_s"].items())
+                + ".",
+                "",
+            ]
     return out
 
 
 def _bandwidth(s: Any) -> list[str]:
     if not s:
         return []
-    out = ["## 3. Optimizer update bandwidth", "", s.get("what", ""), "", f"Target: {s.get('target')}.", ""] + _error(s)
+    out = [
+        "## 3. Optimizer update bandwidth",
+        "",
+        s.get("what", ""),
+        "",
+        f"Target: {s.get('target')}.",
+        "",
+    ] + _error(s)
     for _, e in (s.get("sizes") or {}).items():
-        rows = [[f"`{k}`", _ms(r["median_s"]), f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}", f"{r['bytes'] / 1e6:.0f}",
-                 _f(r["GB_per_s"], ".2f"), _f(r["GB_per_s_best"], ".2f")] for k, r in e["contenders"].items()]
-        out += [f"### {e['params']:,} parameters", "", _table(["contender", "median ms", "IQR ms", "MB moved", "GB/s (median)", "GB/s (best)"], rows), "",
-                "Ratios: " + "; ".join(f"{k} {_f(r)}" for k, r in e["ratios"].items()) + ".", ""]
+        rows = [
+            [
+                f"`{k}`",
+                _ms(r["median_s"]),
+                f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}",
+                f"{r['bytes'] / 1e6:.0f}",
+                _f(r["GB_per_s"], ".2f"),
+                _f(r["GB_per_s_best"], ".2f"),
+            ]
+            for k, r in e["contenders"].items()
+        ]
+        out += [
+            f"### {e['params']:,} parameters",
+            "",
+            _table(
+                ["contender", "median ms", "IQR ms", "MB moved", "GB/s (median)", "GB/s (best)"],
+                rows,
+            ),
+            "",
+            "Ratios: " + "; ".join(f"{k} {_f(r)}" for k, r in e["ratios"].items()) + ".",
+            "",
+        ]
     return out
 
 
@@ -221,11 +358,21 @@ def _sweep(s: Any) -> list[str]:
     k = r.get("members")
 
     def row(label: str, x: dict[str, Any]) -> list[str]:
-        return [label, _f(x["median_s"]), f"{_f(x['q1_s'])}–{_f(x['q3_s'])}", _f(x["min_s"]), _f(x["max_s"]), str(x["rounds"])]
+        return [
+            label,
+            _f(x["median_s"]),
+            f"{_f(x['q1_s'])}–{_f(x['q3_s'])}",
+            _f(x["min_s"]),
+            _f(x["max_s"]),
+            str(x["rounds"]),
+        ]
 
     rows = [
         row("(a) `wdjax.sweep(...)`, compiling its program", r["user"]["sweep"]),
-        row(f"(a) {k} `wdjax.train.fit(...)` calls, each compiling its own program", r["user"]["fit_calls"]),
+        row(
+            f"(a) {k} `wdjax.train.fit(...)` calls, each compiling its own program",
+            r["user"]["fit_calls"],
+        ),
         row("(b) `wdjax.sweep(...)`, program already compiled", r["warm"]["sweep"]),
         row(f"(b) {k} runs of `fit`'s loop sharing one compiled epoch", r["warm"]["sequential"]),
     ]
@@ -234,7 +381,8 @@ def _sweep(s: Any) -> list[str]:
         f"[1e-5, 1e-1]), reference MLP {tuple(r.get('widths', ()))} on digits, {r.get('epochs')} epochs, batch "
         f"{r.get('batch_size')}, AdamW; each epoch followed by a validation pass on both sides; the sweep trains "
         f"{r.get('chunk_size')} members at once. Every member is checked against its `fit` run: "
-        + _diffs(r.get("max_param_diff", {})) + ".",
+        + _diffs(r.get("max_param_diff", {}))
+        + ".",
         "",
         _table(["contender", "median s", "IQR s", "min s", "max s", "rounds"], rows),
         "",
@@ -246,31 +394,53 @@ def _sweep(s: Any) -> list[str]:
         f"target ≤ {r['target']} {'met' if r['met_user'] else 'not met'}. Most of what this ratio saves is compilation.",
         f"* **(b) warm compute**: the same training with nothing compiled during the timed calls. Ratio "
         f"**{_f(r['ratio_warm'])}** (best rounds {_f(r['ratio_warm_best'])}): target ≤ {r['target']} "
-        + ("met." if r["met_warm"] else
-           "**not met** — on this 2-core CPU the vmapped sweep is "
-           + ("slower than" if r["ratio_warm"] > 1 else "not much faster than")
-           + " running the members one after another; see \"Still slow (open)\" below."),
+        + (
+            "met."
+            if r["met_warm"]
+            else "**not met** — on this 2-core CPU the vmapped sweep is "
+            + ("slower than" if r["ratio_warm"] > 1 else "not much faster than")
+            + ' running the members one after another; see "Still slow (open)" below.'
+        ),
         "",
     ]
     an = r.get("epoch_anatomy")
     if an:
-        rows = [[f"`{k}`", _ms(v["median_s"]), f"{_ms(v['q1_s'])}–{_ms(v['q3_s'])}", _ms(v["min_s"]), str(v["rounds"])]
-                for k, v in an["contenders"].items()]
-        out += [f"Where the warm time goes: one training epoch ({an['steps_per_epoch']} steps, `run_steps`, no validation) of all "
-                f"{k} members, vmapped as in the sweep vs {k} unbatched calls, for the library step, the same without per-step "
-                "weight metrics, and a minimal step (no skip, loss only):", "",
-                _table(["step / how", "median ms", "IQR ms", "min ms", "rounds"], rows), "",
-                "vmap / sequential: " + "; ".join(f"{n} {_f(v)}" for n, v in an["ratios"].items()) + ".", ""]
+        rows = [
+            [
+                f"`{k}`",
+                _ms(v["median_s"]),
+                f"{_ms(v['q1_s'])}–{_ms(v['q3_s'])}",
+                _ms(v["min_s"]),
+                str(v["rounds"]),
+            ]
+            for k, v in an["contenders"].items()
+        ]
+        out += [
+            f"Where the warm time goes: one training epoch ({an['steps_per_epoch']} steps, `run_steps`, no validation) of all "
+            f"{k} members, vmapped as in the sweep vs {k} unbatched calls, for the library step, the same without per-step "
+            "weight metrics, and a minimal step (no skip, loss only):",
+            "",
+            _table(["step / how", "median ms", "IQR ms", "min ms", "rounds"], rows),
+            "",
+            "vmap / sequential: "
+            + "; ".join(f"{n} {_f(v)}" for n, v in an["ratios"].items())
+            + ".",
+            "",
+        ]
     return out
 
 
 def _diffs(d: dict[str, Any]) -> str:
     parts = []
     if "sequential_vs_fit" in d:
-        parts.append(f"the sequential runs' params max |Δ| / max |params| {d['sequential_vs_fit']:.1e}")
+        parts.append(
+            f"the sequential runs' params max |Δ| / max |params| {d['sequential_vs_fit']:.1e}"
+        )
     if "sweep_vs_fit" in d:
-        parts.append(f"the sweep's {d['sweep_vs_fit']:.1e} (its K-wide program rounds differently in the last bits, "
-                     "and Adam carries that through training: about 4e-6 after 1–3 epochs)")
+        parts.append(
+            f"the sweep's {d['sweep_vs_fit']:.1e} (its K-wide program rounds differently in the last bits, "
+            "and Adam carries that through training: about 4e-6 after 1–3 epochs)"
+        )
     if "sweep_vs_fit_val_accuracy" in d:
         parts.append(f"final validation accuracy max |Δ| {d['sweep_vs_fit_val_accuracy']:.1e}")
     return "; ".join(parts)
@@ -284,7 +454,15 @@ def _compile(s: Any) -> list[str]:
     for name, e in (s.get("models") or {}).items():
         for k, r in e.items():
             if isinstance(r, dict):
-                rows.append([name.upper(), f"`{k}`", _f(r["trace_lower_s"], ".2f"), _f(r["compile_s"], ".2f"), _f(r["total_s"], ".2f")])
+                rows.append(
+                    [
+                        name.upper(),
+                        f"`{k}`",
+                        _f(r["trace_lower_s"], ".2f"),
+                        _f(r["compile_s"], ".2f"),
+                        _f(r["total_s"], ".2f"),
+                    ]
+                )
     if rows:
         out += [_table(["model", "function", "trace+lower s", "compile s", "total s"], rows), ""]
     rc = s.get("recompilation")
@@ -315,27 +493,61 @@ def _cnn(s: Any, results_all: Any = None, before: Any = None) -> list[str]:
         for piece, res in comps.items():
             t = res.get("torch", {}).get("median_s")
             for k, r in res.items():
-                rows.append([piece, f"`{k}`", _ms(r["median_s"]), f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}", _ms(r["min_s"]),
-                             _f(r["median_s"] / t, ".2f") if t else "–"])
-        out += ["### Pieces alone (plain `jit`)", "", _table(["piece", "implementation", "median ms", "IQR ms", "min ms", "× torch"], rows), ""]
+                rows.append(
+                    [
+                        piece,
+                        f"`{k}`",
+                        _ms(r["median_s"]),
+                        f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}",
+                        _ms(r["min_s"]),
+                        _f(r["median_s"] / t, ".2f") if t else "–",
+                    ]
+                )
+        out += [
+            "### Pieces alone (plain `jit`)",
+            "",
+            _table(["piece", "implementation", "median ms", "IQR ms", "min ms", "× torch"], rows),
+            "",
+        ]
     scan = s.get("in_scan") or {}
     if scan:
         rows = []
         for piece, res in scan.items():
             base = res.get("wdjax_ops", {}).get("median_s")
             for k, r in res.items():
-                rows.append([piece, f"`{k}`", _ms(r["median_s"]), f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}", _ms(r["min_s"]),
-                             _f(r["median_s"] / base, ".1f") if base else "–"])
-        out += ["### Backward passes inside `lax.scan` (ms per iteration)", "",
-                _table(["piece", "implementation", "median ms", "IQR ms", "min ms", "× wdjax_ops"], rows), ""]
+                rows.append(
+                    [
+                        piece,
+                        f"`{k}`",
+                        _ms(r["median_s"]),
+                        f"{_ms(r['q1_s'])}–{_ms(r['q3_s'])}",
+                        _ms(r["min_s"]),
+                        _f(r["median_s"] / base, ".1f") if base else "–",
+                    ]
+                )
+        out += [
+            "### Backward passes inside `lax.scan` (ms per iteration)",
+            "",
+            _table(
+                ["piece", "implementation", "median ms", "IQR ms", "min ms", "× wdjax_ops"], rows
+            ),
+            "",
+        ]
     sc = s.get("scan_convs") or {}
     if sc:
         rows = [[k, str(v["convolutions"]), str(v["non_canonical"])] for k, v in sc.items()]
-        out += ["### Convolutions XLA:CPU leaves in a slow (non-canonical) form", "",
-                _table(["compiled function", "convolutions", "not `b01f_01io->b01f`"], rows), ""]
+        out += [
+            "### Convolutions XLA:CPU leaves in a slow (non-canonical) form",
+            "",
+            _table(["compiled function", "convolutions", "not `b01f_01io->b01f`"], rows),
+            "",
+        ]
     if s.get("ops_max_abs_diff"):
-        out += [f"Max |difference| between `wdjax.ops` and the plain `lax` ops (values, gradients; the pool's gradient "
-                f"after a ReLU): {s['ops_max_abs_diff']}.", ""]
+        out += [
+            f"Max |difference| between `wdjax.ops` and the plain `lax` ops (values, gradients; the pool's gradient "
+            f"after a ReLU): {s['ops_max_abs_diff']}.",
+            "",
+        ]
 
     def med(d: Any, *k: str) -> Any:
         return _get(d, *k, "median_s")
@@ -357,26 +569,37 @@ def _cnn(s: Any, results_all: Any = None, before: Any = None) -> list[str]:
             "conv2's dx+dW): autodiff emits transposed convolutions that XLA:CPU rewrites into its fast canonical form in a "
             "plain `jit` but not inside a `while` loop (jax-ml/jax#12868), where they run as naive loops (table above). "
             "`wdjax.ops.conv2d` writes the backward pass as two canonical forward convolutions, so every convolution of the "
-            "library CNN stays canonical, in and out of the scan.")
+            "library CNN stays canonical, in and out of the scan."
+        )
     if pool:
         bullets.append(
             f"* **Max-pool**: `reduce_window`'s gradient (`select_and_scatter`, scalar loops on XLA:CPU) takes "
             f"{_ms(med(pool, 'reduce_window'))} ms for one 28×28×32 pool forward+backward; `wdjax.ops.max_pool_2x2` (the max of "
-            f"four strided slices) {_ms(med(pool, 'wdjax_ops'))} ms; PyTorch {_ms(med(pool, 'torch'))} ms.")
+            f"four strided slices) {_ms(med(pool, 'wdjax_ops'))} ms; PyTorch {_ms(med(pool, 'torch'))} ms."
+        )
     if c2 and med(c2, "wdjax_ops") and med(c2, "torch"):
         q = med(c2, "wdjax_ops") / med(c2, "torch")
         bullets.append(
             "* **The convolutions themselves**: conv2 backward "
             f"{_ms(med(c2, 'wdjax_ops'))} ms (`wdjax.ops`, plain jit) vs {_ms(med(c2, 'torch'))} ms (PyTorch, oneDNN): "
-            + ("on par." if q <= 1.15 else
-               f"{_f(q, '.2f')}× PyTorch in this run; this is where the CNN still loses"
-               + (f" (in the run before the fix the same piece took {_ms(old_c2[0])} vs {_ms(old_c2[1])} ms: PyTorch's "
-                  "timings vary most between runs on this shared machine)." if all(old_c2) else ".")))
+            + (
+                "on par."
+                if q <= 1.15
+                else f"{_f(q, '.2f')}× PyTorch in this run; this is where the CNN still loses"
+                + (
+                    f" (in the run before the fix the same piece took {_ms(old_c2[0])} vs {_ms(old_c2[1])} ms: PyTorch's "
+                    "timings vary most between runs on this shared machine)."
+                    if all(old_c2)
+                    else "."
+                )
+            )
+        )
     if tp.get("jax_scan") and tp.get("jax_step"):
         bullets.append(
             f"* **The whole CNN**: scanned {tp['jax_scan']['images_per_s']:.0f} images/s, one step per call "
             f"{tp['jax_step']['images_per_s']:.0f} images/s (section 2); before `wdjax.ops` the scanned CNN was the slow one "
-            "(section 7).")
+            "(section 7)."
+        )
     return out + bullets + [""]
 
 
@@ -408,7 +631,12 @@ def _history(before: Any) -> list[str]:
             "torch_eager_1thread": "PyTorch eager, 1 thread",
         }
         rows = [[names.get(k, f"`{k}`"), f"{r['images_per_s']:.0f}"] for k, r in tp.items()]
-        out += ["### CNN throughput then (batch 128, images/s)", "", _table(["variant (before the fix)", "images/s"], rows), ""]
+        out += [
+            "### CNN throughput then (batch 128, images/s)",
+            "",
+            _table(["variant (before the fix)", "images/s"], rows),
+            "",
+        ]
     c = b.get("cnn") or {}
     steps = c.get("steps") or {}
     if steps:
@@ -421,20 +649,43 @@ def _history(before: Any) -> list[str]:
             "reduce_window_pool_functional": "pure-function re-implementation, `reduce_window` pool (control)",
             "strided_pool_precision_bf16": "strided pool under `jax.default_matmul_precision('bfloat16')`",
         }
-        rows = [[names.get(k, f"`{k}`"), _ms(r["median_s"]), _f(r.get("speedup_vs_library"), ".2f")] for k, r in steps.items()]
-        out += ["### One train step (plain `jit`), formulations tried", "", _table(["formulation (before the fix)", "median ms", "speed-up"], rows), ""]
+        rows = [
+            [names.get(k, f"`{k}`"), _ms(r["median_s"]), _f(r.get("speedup_vs_library"), ".2f")]
+            for k, r in steps.items()
+        ]
+        out += [
+            "### One train step (plain `jit`), formulations tried",
+            "",
+            _table(["formulation (before the fix)", "median ms", "speed-up"], rows),
+            "",
+        ]
     comps = c.get("components") or {}
     if comps:
         rows = []
         for piece, res in comps.items():
             t = res.get("torch", {}).get("median_s")
-            rows += [[piece, f"`{k}`", _ms(r["median_s"]), _f(r["median_s"] / t, ".2f") if t else "–"] for k, r in res.items()]
-        out += ["### Pieces alone then (plain `jit`)", "", _table(["piece", "implementation", "median ms", "× torch"], rows), ""]
+            rows += [
+                [piece, f"`{k}`", _ms(r["median_s"]), _f(r["median_s"] / t, ".2f") if t else "–"]
+                for k, r in res.items()
+            ]
+        out += [
+            "### Pieces alone then (plain `jit`)",
+            "",
+            _table(["piece", "implementation", "median ms", "× torch"], rows),
+            "",
+        ]
     flags = c.get("xla_flags") or {}
     if flags:
-        rows = [[f"`{k}`", _ms(r.get("library_cnn")), _ms(r.get("strided_pool"))] for k, r in flags.items()]
-        out += ["### XLA_FLAGS then (one child process each, run one after another)", "",
-                _table(["XLA_FLAGS", "library CNN step ms", "strided-pool step ms"], rows), ""]
+        rows = [
+            [f"`{k}`", _ms(r.get("library_cnn")), _ms(r.get("strided_pool"))]
+            for k, r in flags.items()
+        ]
+        out += [
+            "### XLA_FLAGS then (one child process each, run one after another)",
+            "",
+            _table(["XLA_FLAGS", "library CNN step ms", "strided-pool step ms"], rows),
+            "",
+        ]
     sc = c.get("scan_convs") or {}
     pool = comps.get("maxpool 2x2 forward+backward (28x28x32)", {})
     c2f = comps.get("conv2 forward (32->64, 14x14)", {})
@@ -480,12 +731,15 @@ def _still_slow(results: dict[str, Any]) -> list[str]:
                 f"per-step weight metrics {_f(r['wdjax_step_no_weight_metrics/optax'])} (adds its per-step RNG key, accuracy, "
                 f"hyperparameter metrics, the `regularized` objective and state bookkeeping); the library step "
                 f"{_f(r['wdjax_step/optax'])}. On this shared machine such ratios move by several percent between runs, so "
-                "read the split as approximate.")
+                "read the split as approximate."
+            )
     for name in ("mlp", "cnn"):
         e = _get(b, "throughput", "models", name)
         if e and "met" in e and not e["met"]:
-            text = (f"* **Throughput, {name.upper()}: {_f(e['ratio_library'])} × PyTorch** (`{e['best_jax']}` vs "
-                    f"`{e['best_torch']}`; target ≥ 1.0).")
+            text = (
+                f"* **Throughput, {name.upper()}: {_f(e['ratio_library'])} × PyTorch** (`{e['best_jax']}` vs "
+                f"`{e['best_torch']}`; target ≥ 1.0)."
+            )
             comps = _get(b, "cnn", "components") or {}
             if name == "cnn" and comps:
                 parts, conv_slower = [], False
@@ -497,28 +751,36 @@ def _still_slow(results: dict[str, Any]) -> list[str]:
                         conv_slower |= piece.startswith("conv2") and j / t > 1.15
                 text += " Piece by piece, wdjax vs PyTorch (section 6): " + "; ".join(parts) + "."
                 if conv_slower:
-                    text += (" What loses is XLA:CPU's convolution kernel against PyTorch's oneDNN on the 32→64 conv, "
-                             "not the scan or the pooling any more.")
+                    text += (
+                        " What loses is XLA:CPU's convolution kernel against PyTorch's oneDNN on the 32→64 conv, "
+                        "not the scan or the pooling any more."
+                    )
             items.append(text)
     r = _get(b, "sweep", "result")
     if r and "ratio_warm" in r and not r["met_warm"]:
         an = _get(r, "epoch_anatomy", "ratios") or {}
-        text = (f"* **Sweep, warm compute: {_f(r['ratio_warm'])} × sequential** (target ≤ {r['target']}). The {r['members']} "
-                "members train as one vmapped program, which on this 2-core CPU does the same arithmetic as the sequential "
-                "runs; batching saves per-call overhead only")
+        text = (
+            f"* **Sweep, warm compute: {_f(r['ratio_warm'])} × sequential** (target ≤ {r['target']}). The {r['members']} "
+            "members train as one vmapped program, which on this 2-core CPU does the same arithmetic as the sequential "
+            "runs; batching saves per-call overhead only"
+        )
         if an:
-            text += (f". One training epoch of all members, vmapped / one after another (section 4): library step "
-                     f"{_f(an.get('library_step'))}, without its weight metrics {_f(an.get('without_weight_metrics'))}, a minimal "
-                     f"step (no skip, loss only) {_f(an.get('minimal_step'))}: even the minimal step gains "
-                     + ("nothing" if an.get("minimal_step", 0) >= 0.95 else "little")
-                     + " from `vmap` here. (Under `vmap` the step's `lax.cond` skip, with a per-member predicate, becomes a "
-                     "select that computes both branches.)")
+            text += (
+                f". One training epoch of all members, vmapped / one after another (section 4): library step "
+                f"{_f(an.get('library_step'))}, without its weight metrics {_f(an.get('without_weight_metrics'))}, a minimal "
+                f"step (no skip, loss only) {_f(an.get('minimal_step'))}: even the minimal step gains "
+                + ("nothing" if an.get("minimal_step", 0) >= 0.95 else "little")
+                + " from `vmap` here. (Under `vmap` the step's `lax.cond` skip, with a per-member predicate, becomes a "
+                "select that computes both branches.)"
+            )
         else:
             text += "."
         text += f" What the sweep saves on this machine is compilation (4a: {_f(r['ratio_user'])}), not compute."
         items.append(text)
     for e in (_get(b, "bandwidth", "sizes") or {}).values():
         if not e["met"]:
-            items.append(f"* **Update bandwidth, {e['params']:,} params: {_f(e['ratios']['wdjax_adamw/copy'])} × an in-place copy** "
-                         f"(target ≥ 0.8; optax.adamw: {_f(e['ratios']['optax_adamw/copy'])}).")
+            items.append(
+                f"* **Update bandwidth, {e['params']:,} params: {_f(e['ratios']['wdjax_adamw/copy'])} × an in-place copy** "
+                f"(target ≥ 0.8; optax.adamw: {_f(e['ratios']['optax_adamw/copy'])})."
+            )
     return out + (items or ["Nothing: every target above is met."]) + [""]

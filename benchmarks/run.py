@@ -100,7 +100,10 @@ class Config:
 
 def run_sweep(cfg: Config) -> dict[str, Any]:
     path = os.path.join(HERE, "sweep_vs_sequential.py")
-    if not os.path.exists(path) or importlib.util.find_spec("benchmarks.sweep_vs_sequential") is None:
+    if (
+        not os.path.exists(path)
+        or importlib.util.find_spec("benchmarks.sweep_vs_sequential") is None
+    ):
         return {"status": "not available yet"}
     from benchmarks import sweep_vs_sequential
 
@@ -137,14 +140,32 @@ def jsonable(x: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few rounds, no RESULTS.md")
-    p.add_argument("--only", nargs="+", choices=ALL, default=list(ALL), help="run these benchmarks only")
-    p.add_argument("--out", default=None, help="results directory (default: benchmarks/results; --quick: a temp dir)")
-    p.add_argument("--markdown", default=None, help="where to write the table (default: benchmarks/RESULTS.md; --quick: none)")
-    p.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow to compile)")
-    p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for PyTorch's OpenMP threads, "
-                   "set before torch is imported (default PASSIVE: with ACTIVE, PyTorch's spinning threads collapse "
-                   "when other processes load the cores; '' leaves the environment alone)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: small sizes, few rounds, no RESULTS.md"
+    )
+    p.add_argument(
+        "--only", nargs="+", choices=ALL, default=list(ALL), help="run these benchmarks only"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results directory (default: benchmarks/results; --quick: a temp dir)",
+    )
+    p.add_argument(
+        "--markdown",
+        default=None,
+        help="where to write the table (default: benchmarks/RESULTS.md; --quick: none)",
+    )
+    p.add_argument(
+        "--no-torch-compile", action="store_true", help="skip torch.compile (slow to compile)"
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for PyTorch's OpenMP threads, "
+        "set before torch is imported (default PASSIVE: with ACTIVE, PyTorch's spinning threads collapse "
+        "when other processes load the cores; '' leaves the environment alone)",
+    )
     args = p.parse_args(argv)
     if args.omp_wait_policy and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
@@ -159,11 +180,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     command = "python -m benchmarks" + ("" if not argv else " " + shlex.join(argv))
     env = common.environment()
-    print(f"wdjax benchmarks ({'quick' if cfg.quick else 'full'}) on {env['device']}, {env['cpu']}, "
-          f"{env['cpu_count']} cores, load {env['loadavg_start']}; jax {jax.__version__}", flush=True)
+    print(
+        f"wdjax benchmarks ({'quick' if cfg.quick else 'full'}) on {env['device']}, {env['cpu']}, "
+        f"{env['cpu_count']} cores, load {env['loadavg_start']}; jax {jax.__version__}",
+        flush=True,
+    )
     results: dict[str, Any] = {
-        "meta": {**env, "command": command, "mode": "quick" if cfg.quick else "full",
-                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")},
+        "meta": {
+            **env,
+            "command": command,
+            "mode": "quick" if cfg.quick else "full",
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        },
         "benchmarks": {},
     }
     t_all = time.perf_counter()
@@ -179,9 +207,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["meta"]["elapsed_s"] = time.perf_counter() - t_all
     results["meta"]["loadavg_end"] = common._loadavg()
 
-    out_dir = args.out or (tempfile.mkdtemp(prefix="wdjax-bench-") if cfg.quick else os.path.join(HERE, "results"))
+    out_dir = args.out or (
+        tempfile.mkdtemp(prefix="wdjax-bench-") if cfg.quick else os.path.join(HERE, "results")
+    )
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{env['device_slug']}-{env['date']}{'-quick' if cfg.quick else ''}.json")
+    path = os.path.join(
+        out_dir, f"{env['device_slug']}-{env['date']}{'-quick' if cfg.quick else ''}.json"
+    )
     with open(path, "w") as f:
         json.dump(jsonable(results), f, indent=1)
     results["meta"]["json_path"] = path

@@ -44,9 +44,13 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
 TARGET = 0.35
 
 
-def fit_calls(model: models.Model, ds: data.Dataset, weight_decays: list[float], lr: float, **kw: Any) -> list[train.FitResult]:
+def fit_calls(
+    model: models.Model, ds: data.Dataset, weight_decays: list[float], lr: float, **kw: Any
+) -> list[train.FitResult]:
     """What a user writes without a sweep: one ``fit`` per λ (each compiles its program)."""
-    return [train.fit(model, optimizers.adamw(lr, wd), ds, progress=False, **kw) for wd in weight_decays]
+    return [
+        train.fit(model, optimizers.adamw(lr, wd), ds, progress=False, **kw) for wd in weight_decays
+    ]
 
 
 def cold_sweep(ds: data.Dataset, **kw: Any) -> wdjax.SweepResult:
@@ -99,12 +103,23 @@ def _plain_step(model: models.Model, opt: optax.GradientTransformation):
 
         value, grads = jax.value_and_grad(loss)(state.params)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        return state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), {"loss": value}
+        return state._replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        ), {"loss": value}
 
     return step
 
 
-def epoch_anatomy(model: models.Model, ds: data.Dataset, weight_decays: list[float], lr: float, batch_size: int, rounds: int) -> dict[str, Any]:
+def epoch_anatomy(
+    model: models.Model,
+    ds: data.Dataset,
+    weight_decays: list[float],
+    lr: float,
+    batch_size: int,
+    rounds: int,
+) -> dict[str, Any]:
     """One training epoch (``run_steps`` scan, no validation) of K members: vmapped (as the
     sweep runs it) vs K unbatched calls, for the library's step, the step without weight
     metrics and a minimal step: where the sweep's warm compute goes."""
@@ -115,7 +130,9 @@ def epoch_anatomy(model: models.Model, ds: data.Dataset, weight_decays: list[flo
     length = x.shape[0] // batch_size
     one = train.init_state(model, opt, jax.random.PRNGKey(0))
     stacked = jax.tree.map(lambda a: jnp.stack([a] * len(weight_decays)), one)
-    stacked = stacked._replace(opt_state=wdjax.set_hyperparams(stacked.opt_state, weight_decay=np.array(weight_decays)))
+    stacked = stacked._replace(
+        opt_state=wdjax.set_hyperparams(stacked.opt_state, weight_decay=np.array(weight_decays))
+    )
     steps = {
         "library_step": train.make_train_step(model, opt),
         "without_weight_metrics": proposals.make_train_step_without_weight_metrics(model, opt),
@@ -123,13 +140,20 @@ def epoch_anatomy(model: models.Model, ds: data.Dataset, weight_decays: list[flo
     }
     contenders = {}
     for name, step in steps.items():
-        vmapped = jax.jit(jax.vmap(lambda s, st=step: train.run_steps(st, s, x, y, batch_size, length)))
+        vmapped = jax.jit(
+            jax.vmap(lambda s, st=step: train.run_steps(st, s, x, y, batch_size, length))
+        )
         single = jax.jit(lambda s, st=step: train.run_steps(st, s, x, y, batch_size, length))
         contenders[f"{name}/vmap"] = lambda f=vmapped: jax.block_until_ready(f(stacked))
-        contenders[f"{name}/sequential"] = lambda f=single: jax.block_until_ready([f(one) for _ in weight_decays])
+        contenders[f"{name}/sequential"] = lambda f=single: jax.block_until_ready(
+            [f(one) for _ in weight_decays]
+        )
     res = interleaved(contenders, rounds=rounds, warmup=1)
     ratios = {name: ratio(res, f"{name}/vmap", f"{name}/sequential") for name in steps}
-    print("epoch anatomy, vmap / sequential: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True)
+    print(
+        "epoch anatomy, vmap / sequential: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()),
+        flush=True,
+    )
     return {"steps_per_epoch": length, "contenders": res, "ratios": ratios}
 
 
@@ -146,11 +170,24 @@ def _row(name: str, r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="K=2, 1 epoch, 1 round with compilation, 2 warm: a smoke run")
-    p.add_argument("--members", type=int, default=None, help="K, the number of λ values (default 16; quick: 2)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="K=2, 1 epoch, 1 round with compilation, 2 warm: a smoke run",
+    )
+    p.add_argument(
+        "--members", type=int, default=None, help="K, the number of λ values (default 16; quick: 2)"
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: 10 (quick: 1)")
-    p.add_argument("--rounds", type=int, default=None, help="warm rounds, (b); default: 5 (quick: 2)")
-    p.add_argument("--cold-rounds", type=int, default=None, help="rounds with compilation, (a); default: 3 (quick: 1)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="warm rounds, (b); default: 5 (quick: 2)"
+    )
+    p.add_argument(
+        "--cold-rounds",
+        type=int,
+        default=None,
+        help="rounds with compilation, (a); default: 3 (quick: 1)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="the CLI's default")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--widths", default="256,256", help="MLP hidden widths (the reference: 256,256)")
@@ -162,11 +199,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     ds = data.load("digits")
     widths = tuple(int(w) for w in args.widths.split(","))
-    model = models.create("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=widths)
+    model = models.create(
+        "mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=widths
+    )
     wds = [0.0, *np.logspace(-5, -1, members - 1).tolist()]
     opt = optimizers.adamw(args.lr, wds[0])
     kw = {"epochs": epochs, "batch_size": args.batch_size}
-    sweep_kw = {"model": model, "weight_decay": wds, "learning_rate": [args.lr], "progress": False, **kw}
+    sweep_kw = {
+        "model": model,
+        "weight_decay": wds,
+        "learning_rate": [args.lr],
+        "progress": False,
+        **kw,
+    }
 
     # process warm-up, not timed: the validation function fit shares across calls
     train.evaluate(model, *model.init(jax.random.PRNGKey(0)), ds.x_val, ds.y_val)
@@ -176,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def run():
             last[name] = fn()
             return jax.block_until_ready(last[name]) if name == "sequential" else last[name]
+
         return run
 
     # (a) as a user runs them: compilation included on both sides
@@ -199,12 +245,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = last["fit_calls"]
     swept = last["sweep_cold"]
     diffs = {
-        "sequential_vs_fit": max(_relative_diff(s.params, r.state.params) for s, r in zip(last["sequential"], reference, strict=True)),
+        "sequential_vs_fit": max(
+            _relative_diff(s.params, r.state.params)
+            for s, r in zip(last["sequential"], reference, strict=True)
+        ),
         "sweep_vs_fit": max(
-            _relative_diff(jax.tree.map(lambda a, i=i: a[i], swept.params), r.state.params) for i, r in enumerate(reference)
+            _relative_diff(jax.tree.map(lambda a, i=i: a[i], swept.params), r.state.params)
+            for i, r in enumerate(reference)
         ),
         "sweep_vs_fit_val_accuracy": max(
-            abs(float(swept.history["val_accuracy"][i, -1]) - r.history[-1]["val_accuracy"]) for i, r in enumerate(reference)
+            abs(float(swept.history["val_accuracy"][i, -1]) - r.history[-1]["val_accuracy"])
+            for i, r in enumerate(reference)
         ),
     }
     # The same training, not a different run: the sweep's K-wide program rounds differently in
@@ -213,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     assert diffs["sequential_vs_fit"] < 1e-6 and diffs["sweep_vs_fit"] < 1e-2, diffs
     assert diffs["sweep_vs_fit_val_accuracy"] <= 1.5 / len(ds.y_val), diffs
 
-    anatomy = None if args.quick else epoch_anatomy(model, ds, wds, args.lr, args.batch_size, rounds + 2)
+    anatomy = (
+        None if args.quick else epoch_anatomy(model, ds, wds, args.lr, args.batch_size, rounds + 2)
+    )
 
     ratio_user = ratio(cold, "sweep", "fit_calls")
     ratio_warm = ratio(warm, "sweep", "sequential")
@@ -239,19 +292,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_param_diff": diffs,
         "epoch_anatomy": anatomy,
     }
-    print(f"K={members} λ values, {epochs} epochs, batch {args.batch_size}, MLP {widths}, {out['device']}, "
-          f"chunk_size {out['chunk_size']}")
+    print(
+        f"K={members} λ values, {epochs} epochs, batch {args.batch_size}, MLP {widths}, {out['device']}, "
+        f"chunk_size {out['chunk_size']}"
+    )
     print(f"{'':22}{'median s':>10}{'q1 s':>8}{'q3 s':>8}{'min s':>8}{'max s':>8}{'rounds':>8}")
     print(_row("(a) sweep, compiling", cold["sweep"]))
     print(_row(f"(a) {members} fit() calls", cold["fit_calls"]))
     print(_row("(b) sweep, warm", warm["sweep"]))
     print(_row("(b) sequential, warm", warm["sequential"]))
-    print(f"(a) sweep / {members} fit() calls, compilation included: {ratio_user:.3f} (best rounds {out['ratio_user_best']:.3f}); "
-          f"target ≤ {TARGET}: {'met' if out['met_user'] else 'NOT met'}")
-    print(f"(b) sweep / sequential, warm compute: {ratio_warm:.3f} (best rounds {out['ratio_warm_best']:.3f}); "
-          f"target ≤ {TARGET}: {'met' if out['met_warm'] else 'NOT met'}")
-    print(f"one fit() call {out['fit_call_s']:.2f} s (one warm run {out['warm_run_s']:.3f} s); sweep compilation about "
-          f"{out['sweep_compile_s']:.1f} s; max |Δparams| / max |params| vs fit: {diffs}")
+    print(
+        f"(a) sweep / {members} fit() calls, compilation included: {ratio_user:.3f} (best rounds {out['ratio_user_best']:.3f}); "
+        f"target ≤ {TARGET}: {'met' if out['met_user'] else 'NOT met'}"
+    )
+    print(
+        f"(b) sweep / sequential, warm compute: {ratio_warm:.3f} (best rounds {out['ratio_warm_best']:.3f}); "
+        f"target ≤ {TARGET}: {'met' if out['met_warm'] else 'NOT met'}"
+    )
+    print(
+        f"one fit() call {out['fit_call_s']:.2f} s (one warm run {out['warm_run_s']:.3f} s); sweep compilation about "
+        f"{out['sweep_compile_s']:.1f} s; max |Δparams| / max |params| vs fit: {diffs}"
+    )
     return out
 
 

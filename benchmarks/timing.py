@@ -52,7 +52,7 @@ def interleaved(
     start = time.perf_counter()
     try:
         for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 fn = contenders[name]
                 t0 = time.perf_counter()
@@ -67,7 +67,9 @@ def interleaved(
     return {n: summarize(s) for n, s in samples.items()}
 
 
-def ratio(results: Mapping[str, Mapping[str, Any]], num: str, den: str, key: str = "median_s") -> float:
+def ratio(
+    results: Mapping[str, Mapping[str, Any]], num: str, den: str, key: str = "median_s"
+) -> float:
     """``results[num][key] / results[den][key]``."""
     return float(results[num][key] / results[den][key])
 

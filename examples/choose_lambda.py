@@ -38,21 +38,42 @@ def main(argv=None):
 
     ds = data.load("digits")
     model = models.create("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes)
-    result = wdjax.sweep(ds, model=model, optimizer="adamw", weight_decay=lambdas, learning_rate=[lr],
-                         folds=folds, epochs=epochs, batch_size=64, select="one_se", progress=False)
-    print(f"AdamW (lr {lr}) on {ds.name}, {folds}-fold cross-validation, {epochs} epochs per member:")
+    result = wdjax.sweep(
+        ds,
+        model=model,
+        optimizer="adamw",
+        weight_decay=lambdas,
+        learning_rate=[lr],
+        folds=folds,
+        epochs=epochs,
+        batch_size=64,
+        select="one_se",
+        progress=False,
+    )
+    print(
+        f"AdamW (lr {lr}) on {ds.name}, {folds}-fold cross-validation, {epochs} epochs per member:"
+    )
     print(result.table())
     chosen = result.chosen
     best = max(result.settings, key=lambda s: s["val_accuracy_mean"])
 
     # retrain on all of train + val with the chosen λ, the best-mean λ, and without decay
-    pooled = dataclasses.replace(ds, x_train=np.concatenate([ds.x_train, ds.x_val]),
-                                 y_train=np.concatenate([ds.y_train, ds.y_val]))
+    pooled = dataclasses.replace(
+        ds,
+        x_train=np.concatenate([ds.x_train, ds.x_val]),
+        y_train=np.concatenate([ds.y_train, ds.y_val]),
+    )
     test = {}
     for lam in dict.fromkeys([chosen["weight_decay"], best["weight_decay"], 0.0]):
-        fit = train.fit(model, wdjax.adamw(lr, lam), pooled, epochs=epochs, batch_size=64, progress=False)
-        test[lam] = train.evaluate(model, fit.state.params, fit.state.model_state, ds.x_test, ds.y_test)["accuracy"]
-        print(f"retrained on train+val ({len(pooled.y_train)} images) with λ={lam:g}: test accuracy {test[lam]:.1%}")
+        fit = train.fit(
+            model, wdjax.adamw(lr, lam), pooled, epochs=epochs, batch_size=64, progress=False
+        )
+        test[lam] = train.evaluate(
+            model, fit.state.params, fit.state.model_state, ds.x_test, ds.y_test
+        )["accuracy"]
+        print(
+            f"retrained on train+val ({len(pooled.y_train)} images) with λ={lam:g}: test accuracy {test[lam]:.1%}"
+        )
 
     lam, lam_best = chosen["weight_decay"], best["weight_decay"]
     se = math.sqrt(test[0.0] * (1 - test[0.0]) / len(ds.y_test))
@@ -63,9 +84,11 @@ def main(argv=None):
         f"{best['val_accuracy_mean']:.1%} at λ={lam_best:g}); retrained with it, the model reached "
         f"{test[lam]:.1%} test accuracy vs {test[0.0]:.1%} without weight decay"
         + (f" and {test[lam_best]:.1%} with λ={lam_best:g}" if lam_best not in (lam, 0.0) else "")
-        + f" ({diff * 100:+.2f} pp vs no decay, " + ("within" if abs(diff) <= 2 * se else "beyond")
+        + f" ({diff * 100:+.2f} pp vs no decay, "
+        + ("within" if abs(diff) <= 2 * se else "beyond")
         + f" 2 standard errors = {2 * se * 100:.2f} pp on {len(ds.y_test)} test images)."
     )
+
 
 if __name__ == "__main__":
     main()

@@ -49,18 +49,41 @@ def main(argv=None):
     model = models.create("cnn", input_shape=ds.input_shape, num_classes=ds.num_classes)
 
     results = {}
-    print(f"\n{'':<18}  {'train acc':>9}  {'test acc':>8}  {'gap':>7}  {'train loss':>10}  {'test loss':>9}"
-          f"  {'kernel ‖w‖':>10}  {'time':>5}")
-    for label, penalties in [("no weight decay", []), ("L2 5e-4 (Keras)", [wdjax.l2(2 * 5e-4, masks.default())])]:
+    print(
+        f"\n{'':<18}  {'train acc':>9}  {'test acc':>8}  {'gap':>7}  {'train loss':>10}  {'test loss':>9}"
+        f"  {'kernel ‖w‖':>10}  {'time':>5}"
+    )
+    for label, penalties in [
+        ("no weight decay", []),
+        ("L2 5e-4 (Keras)", [wdjax.l2(2 * 5e-4, masks.default())]),
+    ]:
         start = time.perf_counter()
-        state = train.fit(model, optax.adam(1e-3), ds, epochs=epochs, batch_size=128, seed=args.seed,
-                          penalties=penalties, progress=False).state
+        state = train.fit(
+            model,
+            optax.adam(1e-3),
+            ds,
+            epochs=epochs,
+            batch_size=128,
+            seed=args.seed,
+            penalties=penalties,
+            progress=False,
+        ).state
         p, s = state.params, state.model_state
         tr, te = (train.evaluate(model, p, s, a, b) for a, b in [(x, y), (ds.x_test, ds.y_test)])
-        norm = float(train.weight_metrics(p, masks.resolve(p, masks.default()))["weight_norm_decayed"])
-        results[label] = (tr["accuracy"], te["accuracy"], tr["accuracy"] - te["accuracy"], te["loss"] - tr["loss"], norm)
-        print(f"{label:<18}  {tr['accuracy']:9.2%}  {te['accuracy']:8.2%}  {results[label][2] * 100:5.2f}pp"
-              f"  {tr['loss']:10.4f}  {te['loss']:9.4f}  {norm:10.2f}  {time.perf_counter() - start:4.0f}s")
+        norm = float(
+            train.weight_metrics(p, masks.resolve(p, masks.default()))["weight_norm_decayed"]
+        )
+        results[label] = (
+            tr["accuracy"],
+            te["accuracy"],
+            tr["accuracy"] - te["accuracy"],
+            te["loss"] - tr["loss"],
+            norm,
+        )
+        print(
+            f"{label:<18}  {tr['accuracy']:9.2%}  {te['accuracy']:8.2%}  {results[label][2] * 100:5.2f}pp"
+            f"  {tr['loss']:10.4f}  {te['loss']:9.4f}  {norm:10.2f}  {time.perf_counter() - start:4.0f}s"
+        )
 
     (tr0, te0, gap0, lgap0, n0), (tr1, te1, gap1, lgap1, n1) = results.values()
     se = math.sqrt(te0 * (1 - te0) / len(ds.y_test))  # binomial standard error of a test accuracy
@@ -74,7 +97,11 @@ def main(argv=None):
         f"the test accuracy change of {(te1 - te0) * 100:+.2f} pp is "
         + ("within" if abs(te1 - te0) <= 2 * se else "beyond")
         + f" 2 standard errors ({2 * se * 100:.1f} pp on {len(ds.y_test)} test images)"
-        + (", so this short run does not reproduce the classic gain." if te1 - te0 <= 2 * se else ".")
+        + (
+            ", so this short run does not reproduce the classic gain."
+            if te1 - te0 <= 2 * se
+            else "."
+        )
     )
 
 

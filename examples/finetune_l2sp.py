@@ -35,10 +35,14 @@ BODY = masks.match("dense*/kernel")  # hidden-layer kernels; the head is left fr
 
 def classes(ds, keep):
     """The dataset restricted to the labels in ``keep`` (every split)."""
-    return dataclasses.replace(ds, **{
-        f"{k}_{split}": getattr(ds, f"{k}_{split}")[np.isin(getattr(ds, f"y_{split}"), keep)]
-        for split in ("train", "val", "test") for k in ("x", "y")
-    })
+    return dataclasses.replace(
+        ds,
+        **{
+            f"{k}_{split}": getattr(ds, f"{k}_{split}")[np.isin(getattr(ds, f"y_{split}"), keep)]
+            for split in ("train", "val", "test")
+            for k in ("x", "y")
+        },
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "form", "steps"))
@@ -72,42 +76,71 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=10)
     args = parser.parse_args(argv)
     seeds, steps = (2, 30) if args.quick else (args.seeds, 150)
-    grid = {"penalty": [1e-2, 1e-1, 1.0], "decoupled": [1.0, 10.0, 100.0]}  # decoupled: η·λ per step
+    grid = {
+        "penalty": [1e-2, 1e-1, 1.0],
+        "decoupled": [1.0, 10.0, 100.0],
+    }  # decoupled: η·λ per step
     if args.quick:
         grid = {form: lams[-1:] for form, lams in grid.items()}
 
     ds = data.load("mnist", data_dir=args.data_dir) if args.data_dir else data.load("digits")
     source, target = classes(ds, range(5)), classes(ds, range(5, 10))
     model = models.create("mlp", input_shape=ds.input_shape, num_classes=10)
-    pre = train.fit(model, optax.adam(1e-3), source, epochs=3 if args.quick else 20, batch_size=64, progress=False)
+    pre = train.fit(
+        model,
+        optax.adam(1e-3),
+        source,
+        epochs=3 if args.quick else 20,
+        batch_size=64,
+        progress=False,
+    )
     w0 = pre.state.params
     zero = jax.tree.map(jnp.zeros_like, w0)
-    print(f"pretrained on {ds.name} 0-4: test accuracy on 0-4 "
-          f"{train.evaluate(model, w0, {}, source.x_test, source.y_test)['accuracy']:.1%}; "
-          f"fine-tuning on 5-9 with {args.per_class} images per class, {steps} Adam steps, {seeds} seeds")
+    print(
+        f"pretrained on {ds.name} 0-4: test accuracy on 0-4 "
+        f"{train.evaluate(model, w0, {}, source.x_test, source.y_test)['accuracy']:.1%}; "
+        f"fine-tuning on 5-9 with {args.per_class} images per class, {steps} Adam steps, {seeds} seeds"
+    )
 
     def accuracy(start, anchor, lam, form):
         """Mean and standard error over seeds of the 5-9 test accuracy."""
         accs = []
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
-            idx = np.concatenate([rng.choice(np.flatnonzero(target.y_train == c), args.per_class, replace=False)
-                                  for c in range(5, 10)])
+            idx = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(target.y_train == c), args.per_class, replace=False)
+                    for c in range(5, 10)
+                ]
+            )
             p0 = model.init(jax.random.PRNGKey(seed))[0] if start is None else start
-            p = finetune(model, p0, anchor, lam, target.x_train[idx], target.y_train[idx], form=form, steps=steps)
+            p = finetune(
+                model,
+                p0,
+                anchor,
+                lam,
+                target.x_train[idx],
+                target.y_train[idx],
+                form=form,
+                steps=steps,
+            )
             accs.append(train.evaluate(model, p, {}, target.x_test, target.y_test)["accuracy"])
         return np.mean(accs), np.std(accs) / np.sqrt(seeds)
 
     scratch, plain = accuracy(None, zero, 0.0, "penalty"), accuracy(w0, zero, 0.0, "penalty")
-    print(f"\nfrom scratch, no decay: {scratch[0]:.1%} ± {scratch[1]:.1%};  "
-          f"fine-tuned, no decay: {plain[0]:.1%} ± {plain[1]:.1%}  (mean ± standard error)")
+    print(
+        f"\nfrom scratch, no decay: {scratch[0]:.1%} ± {scratch[1]:.1%};  "
+        f"fine-tuned, no decay: {plain[0]:.1%} ± {plain[1]:.1%}  (mean ± standard error)"
+    )
     print(f"\n{'form':<10}  {'λ':>6}  {'toward 0':>15}  {'toward w₀ (L2-SP)':>17}")
     rows = []
     for form, lams in grid.items():
         for lam in lams:
             to_zero, to_w0 = accuracy(w0, zero, lam, form), accuracy(w0, w0, lam, form)
             rows.append((form, lam, to_zero[0], to_w0[0]))
-            print(f"{form:<10}  {lam:6g}  {to_zero[0]:8.1%} ± {to_zero[1]:4.1%}  {to_w0[0]:10.1%} ± {to_w0[1]:4.1%}")
+            print(
+                f"{form:<10}  {lam:6g}  {to_zero[0]:8.1%} ± {to_zero[1]:4.1%}  {to_w0[0]:10.1%} ± {to_w0[1]:4.1%}"
+            )
 
     wins = [r for r in rows if r[3] > r[2]]
     best_sp, best_zero = max(rows, key=lambda r: r[3]), max(rows, key=lambda r: r[2])
@@ -116,18 +149,28 @@ def main(argv=None):
     print(
         f"\nConclusion: decay toward the pretrained weights beat decay toward zero in {len(wins)} of "
         f"{len(rows)} (form, λ) settings"
-        + (" (" + "; ".join(f"{f} λ={lam:g}: {b:.1%} vs {a:.1%}" for f, lam, a, b in wins) + ")" if wins else "")
+        + (
+            " (" + "; ".join(f"{f} λ={lam:g}: {b:.1%} vs {a:.1%}" for f, lam, a, b in wins) + ")"
+            if wins
+            else ""
+        )
         + f". L2-SP's best, {best_sp[3]:.2%} ({best_sp[0]} λ={best_sp[1]:g}), vs {best_zero[2]:.2%} for the best "
         f"decay toward zero ({best_zero[0]} λ={best_zero[1]:g}) and {plain[0]:.2%} without decay: "
-        + (f"a gain of {gain * 100:.1f} pp, more than 2 standard errors ({two_se * 100:.1f} pp)."
-           if gain > two_se else
-           f"{gain * 100:+.1f} pp, not more than 2 standard errors ({two_se * 100:.1f} pp), so the classic "
-           "L2-SP gain does not reproduce here")
+        + (
+            f"a gain of {gain * 100:.1f} pp, more than 2 standard errors ({two_se * 100:.1f} pp)."
+            if gain > two_se
+            else f"{gain * 100:+.1f} pp, not more than 2 standard errors ({two_se * 100:.1f} pp), so the classic "
+            "L2-SP gain does not reproduce here"
+        )
         + f"; pretraining on 0-4 itself changed 5-9 accuracy by {(plain[0] - scratch[0]) * 100:+.1f} pp vs "
         f"training from scratch ({scratch[0]:.1%})"
-        + (". What does reproduce: strong decay toward w₀ is far less destructive than strong decay toward zero."
-           if wins and gain <= two_se else ".")
+        + (
+            ". What does reproduce: strong decay toward w₀ is far less destructive than strong decay toward zero."
+            if wins and gain <= two_se
+            else "."
+        )
     )
+
 
 if __name__ == "__main__":
     main()

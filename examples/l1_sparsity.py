@@ -47,24 +47,41 @@ def main(argv=None):
 
     ds = data.load("mnist", data_dir=args.data_dir) if args.data_dir else data.load("digits")
     print(ds.summary())
-    model = models.create("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(128,))
+    model = models.create(
+        "mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(128,)
+    )
 
     rows = []
     print(f"\n{'λ':>7}  {'L1 applied as':<13}  {'test acc':>8}  {'exact 0':>7}  {'|w|<1e-3':>8}")
     for lam in lambdas:
         for how in ("subgradient", "proximal"):
             if how == "subgradient":  # λ·Σ|w| in the loss, plain SGD on it
-                opt, penalties = wdjax.sgdw(args.lr, 0.0, momentum=0.9), [wdjax.l1(lam, masks.default())]
+                opt, penalties = (
+                    wdjax.sgdw(args.lr, 0.0, momentum=0.9),
+                    [wdjax.l1(lam, masks.default())],
+                )
             else:  # the same SGD, then soft-thresholding of the kernels
                 opt, penalties = wdjax.sgdw(args.lr, 0.0, momentum=0.9, l1=lam), []
-            fit = train.fit(model, opt, ds, epochs=epochs, batch_size=64, seed=args.seed,
-                            penalties=penalties, progress=False)
-            acc = train.evaluate(model, fit.state.params, fit.state.model_state, ds.x_test, ds.y_test)["accuracy"]
+            fit = train.fit(
+                model,
+                opt,
+                ds,
+                epochs=epochs,
+                batch_size=64,
+                seed=args.seed,
+                penalties=penalties,
+                progress=False,
+            )
+            acc = train.evaluate(
+                model, fit.state.params, fit.state.model_state, ds.x_test, ds.y_test
+            )["accuracy"]
             zero, small = kernel_fractions(fit.state.params)
             rows.append((lam, how, acc, zero, small))
             print(f"{lam:7g}  {how:<13}  {acc:8.1%}  {zero:7.1%}  {small:8.1%}")
 
-    lam, _, sub_acc, sub_zero, _ = max((r for r in rows if r[1] == "subgradient"), key=lambda r: r[0])
+    lam, _, sub_acc, sub_zero, _ = max(
+        (r for r in rows if r[1] == "subgradient"), key=lambda r: r[0]
+    )
     prox_acc, prox_zero = next((r[2], r[3]) for r in rows if r[0] == lam and r[1] == "proximal")
     best_prox = max(r[3] for r in rows if r[1] == "proximal")
     best_sub = max(r[3] for r in rows if r[1] == "subgradient")

@@ -33,7 +33,9 @@ from wdjax import data, masks, models, train
 
 
 def max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def main(argv=None):
@@ -49,8 +51,16 @@ def main(argv=None):
     kernels = masks.default()  # what the wdjax optimizers decay by default
 
     def run(opt, penalties=(), n_epochs=epochs):
-        fit = train.fit(model, opt, ds, epochs=n_epochs, batch_size=64, seed=args.seed,
-                        penalties=penalties, progress=False)
+        fit = train.fit(
+            model,
+            opt,
+            ds,
+            epochs=n_epochs,
+            batch_size=64,
+            seed=args.seed,
+            penalties=penalties,
+            progress=False,
+        )
         p = fit.state.params
         acc = train.evaluate(model, p, fit.state.model_state, ds.x_test, ds.y_test)["accuracy"]
         return p, acc, fit.history[-1]["weight_norm_decayed"]
@@ -61,15 +71,23 @@ def main(argv=None):
     sgd_coupled = run(wdjax.sgd_l2(lr, lam), n_epochs=n)[0]
     sgd_decoupled = run(wdjax.sgdw(lr, lam), n_epochs=n)[0]
     sgd_diff = max(max_diff(sgd_loss, sgd_coupled), max_diff(sgd_loss, sgd_decoupled))
-    mom_diff = max_diff(run(wdjax.sgd_l2(lr, lam, momentum=0.9), n_epochs=n)[0],
-                        run(wdjax.sgdw(lr, lam, momentum=0.9), n_epochs=n)[0])
-    print(f"A. SGD (lr={lr}, λ={lam}, {n} epochs): max |Δw| between L2-in-loss, coupled and "
-          f"decoupled = {sgd_diff:.1e}; with momentum 0.9, coupled vs decoupled = {mom_diff:.1e}")
+    mom_diff = max_diff(
+        run(wdjax.sgd_l2(lr, lam, momentum=0.9), n_epochs=n)[0],
+        run(wdjax.sgdw(lr, lam, momentum=0.9), n_epochs=n)[0],
+    )
+    print(
+        f"A. SGD (lr={lr}, λ={lam}, {n} epochs): max |Δw| between L2-in-loss, coupled and "
+        f"decoupled = {sgd_diff:.1e}; with momentum 0.9, coupled vs decoupled = {mom_diff:.1e}"
+    )
 
     # B. Adam: the λ·w term is normalized by Adam when coupled, not when decoupled
     _, base_acc, base_norm = run(optax.adam(1e-3))
-    print(f"\nB. Adam (lr=1e-3, {epochs} epochs); no decay: test acc {base_acc:.1%}, kernel norm {base_norm:.1f}")
-    print(f"{'λ':>6}  {'method':<22}  {'test acc':>8}  {'kernel ‖w‖':>10}  {'max |Δw| vs L2-in-loss':>22}")
+    print(
+        f"\nB. Adam (lr=1e-3, {epochs} epochs); no decay: test acc {base_acc:.1%}, kernel norm {base_norm:.1f}"
+    )
+    print(
+        f"{'λ':>6}  {'method':<22}  {'test acc':>8}  {'kernel ‖w‖':>10}  {'max |Δw| vs L2-in-loss':>22}"
+    )
     adam = {}
     for lam in adam_lambdas:
         ref = None
@@ -81,7 +99,9 @@ def main(argv=None):
             params, acc, norm = run(opt, pen)
             ref = params if ref is None else ref
             adam[lam, name.split()[0]] = (acc, norm, max_diff(params, ref))
-            print(f"{lam:6g}  {name:<22}  {acc:8.1%}  {norm:10.2f}  {adam[lam, name.split()[0]][2]:22.1e}")
+            print(
+                f"{lam:6g}  {name:<22}  {acc:8.1%}  {norm:10.2f}  {adam[lam, name.split()[0]][2]:22.1e}"
+            )
 
     # C. learning-rate decay vs weight decay (SGD + momentum; decay rate in AdamW units)
     steps = epochs * (len(ds.y_train) // 64)
@@ -93,8 +113,12 @@ def main(argv=None):
     print(f"\nC. SGD+momentum, lr 0.05, {epochs} epochs")
     print(f"{'setting':<28}  {'test acc':>8}  {'kernel ‖w‖':>10}")
     lr_wd = {}
-    for name, opt in [("constant lr, no decay", sgd(0.05, 0.0)), ("cosine lr decay", sgd(cosine, 0.0)),
-                      ("weight decay λ=0.05", sgd(0.05, 0.05)), ("cosine lr + weight decay", sgd(cosine, 0.05))]:
+    for name, opt in [
+        ("constant lr, no decay", sgd(0.05, 0.0)),
+        ("cosine lr decay", sgd(cosine, 0.0)),
+        ("weight decay λ=0.05", sgd(0.05, 0.05)),
+        ("cosine lr + weight decay", sgd(cosine, 0.05)),
+    ]:
         _, acc, norm = run(opt)
         lr_wd[name] = (acc, norm)
         print(f"{name:<28}  {acc:8.1%}  {norm:10.2f}")
@@ -102,13 +126,20 @@ def main(argv=None):
     # conclusions, from the numbers above
     lam = adam_lambdas[-1]
     (l_acc, l_norm, _), (c_acc, c_norm, c_diff), (d_acc, d_norm, d_diff) = (
-        adam[lam, k] for k in ("L2", "coupled", "decoupled"))
+        adam[lam, k] for k in ("L2", "coupled", "decoupled")
+    )
     (n_acc, n_norm), (s_acc, s_norm), (w_acc, w_norm), _ = lr_wd.values()
-    se = math.sqrt(n_acc * (1 - n_acc) / len(ds.y_test))  # binomial standard error of a test accuracy
+    se = math.sqrt(
+        n_acc * (1 - n_acc) / len(ds.y_test)
+    )  # binomial standard error of a test accuracy
     acc_spread = max(a for a, _ in lr_wd.values()) - min(a for a, _ in lr_wd.values())
     print(
         "\nConclusion: with SGD, L2 in the loss, coupled L2 and decoupled decay gave "
-        + ("the same weights up to float32 rounding" if sgd_diff < 1e-3 * mom_diff else "DIFFERENT weights")
+        + (
+            "the same weights up to float32 rounding"
+            if sgd_diff < 1e-3 * mom_diff
+            else "DIFFERENT weights"
+        )
         + f" (max |Δw| = {sgd_diff:.1e}, vs {mom_diff:.1e} between coupled and decoupled once momentum "
         "is added). "
         f"With Adam at λ={lam:g}, L2 in the loss and coupled L2 "

@@ -67,18 +67,36 @@ def main(argv=None):
         settings |= change
         if args.quick and 0 < i < len(STEPS) - 1:
             continue  # --quick: only the first and last rows (the last has every technique)
-        model = models.create("mlp", input_shape=ds.input_shape, num_classes=10,
-                              dropout=settings.get("dropout", 0.0),
-                              batch_norm=settings.get("batch_norm", False))
+        model = models.create(
+            "mlp",
+            input_shape=ds.input_shape,
+            num_classes=10,
+            dropout=settings.get("dropout", 0.0),
+            batch_norm=settings.get("batch_norm", False),
+        )
         runs = []
         for seed in range(args.seeds):
-            opt = optimizer(steps, settings.get("weight_decay", 0.0), settings.get("schedule", False),
-                            settings.get("clip"))
-            fit = train.fit(model, opt, ds, epochs=epochs, batch_size=64, seed=seed,
-                            patience=settings.get("patience"), progress=False)
+            opt = optimizer(
+                steps,
+                settings.get("weight_decay", 0.0),
+                settings.get("schedule", False),
+                settings.get("clip"),
+            )
+            fit = train.fit(
+                model,
+                opt,
+                ds,
+                epochs=epochs,
+                batch_size=64,
+                seed=seed,
+                patience=settings.get("patience"),
+                progress=False,
+            )
             p, s = fit.state.params, fit.state.model_state
-            accs = [train.evaluate(model, p, s, x, y)["accuracy"]
-                    for x, y in [(ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)]]
+            accs = [
+                train.evaluate(model, p, s, x, y)["accuracy"]
+                for x, y in [(ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)]
+            ]
             norm = train.weight_metrics(p, masks.resolve(p, masks.default()))["weight_norm_decayed"]
             runs.append((len(fit.history), *accs, float(norm)))
         n_epochs, tr, va, te, norm = np.mean(runs, axis=0)
@@ -95,8 +113,11 @@ def main(argv=None):
         f"plain Adam ({(full - base) * 100:+.1f} pp); the largest single step was "
         f"'{best_label.lstrip('+ ')}' ({best_gain * 100:+.1f} pp). With a standard error of "
         f"{se * 100:.1f} pp per accuracy, "
-        + (f"only {', '.join(significant)} moved test accuracy by more than 2 standard errors"
-           if significant else "no single step moved test accuracy by more than 2 standard errors")
+        + (
+            f"only {', '.join(significant)} moved test accuracy by more than 2 standard errors"
+            if significant
+            else "no single step moved test accuracy by more than 2 standard errors"
+        )
         + f" ({len(significant)} of {len(gains)})."
     )
 

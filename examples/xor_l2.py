@@ -78,7 +78,9 @@ def main(argv=None):
     objective = wdjax.regularized(lambda p: data_loss(model, p, x, y), wdjax.l2(lam))
     auto = jax.grad(lambda p: objective(p)[0])(params)
     by_hand = analytic_grad(params, x, y, lam)
-    max_diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), auto, by_hand)))
+    max_diff = max(
+        jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), auto, by_hand))
+    )
     print(f"gradient check at λ={lam}: max |autodiff − (∂L/∂w + λ·w)| = {max_diff:.2e}")
 
     # 2. one training run per λ, from the same initial weights
@@ -89,7 +91,9 @@ def main(argv=None):
         logits, _ = model.apply(w, {}, x, train=False)
         norms.append(float(optax.tree.norm(w)))
         accs.append(float(jnp.mean(jnp.argmax(logits, -1) == y)))
-        print(f"{lam:7g}  {norms[-1]:7.3f}  {float(data_loss(model, w, x, y)):9.4f}  {accs[-1]:7.0%}")
+        print(
+            f"{lam:7g}  {norms[-1]:7.3f}  {float(data_loss(model, w, x, y)):9.4f}  {accs[-1]:7.0%}"
+        )
 
     monotone = all(a >= b for a, b in zip(norms, norms[1:]))
     solved = [lam for lam, acc in zip(lambdas, accs) if acc == 1.0]
@@ -99,10 +103,17 @@ def main(argv=None):
         f"(max abs difference {max_diff:.1e}); the weight norm "
         f"{'shrank monotonically' if monotone else 'did NOT shrink monotonically'} as λ grew, "
         f"from {norms[0]:.2f} at λ={lambdas[0]:g} to {norms[-1]:.2f} at λ={lambdas[-1]:g}, "
-        + (f"and XOR was still solved (100% accuracy) up to λ={max(solved):g}" if solved
-           else "and no λ solved XOR")
-        + (f"; from λ={failed[0]:g} the penalty won (‖w‖={norms[lambdas.index(failed[0])]:.2f}, "
-           f"{accs[lambdas.index(failed[0])]:.0%} accuracy)." if failed else ".")
+        + (
+            f"and XOR was still solved (100% accuracy) up to λ={max(solved):g}"
+            if solved
+            else "and no λ solved XOR"
+        )
+        + (
+            f"; from λ={failed[0]:g} the penalty won (‖w‖={norms[lambdas.index(failed[0])]:.2f}, "
+            f"{accs[lambdas.index(failed[0])]:.0%} accuracy)."
+            if failed
+            else "."
+        )
     )
 
 

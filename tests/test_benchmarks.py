@@ -106,8 +106,22 @@ def test_report_renders_without_a_run():
     """The Markdown report renders from a results dict with failed / missing sections."""
     from benchmarks import report
 
-    meta = {"command": "python -m benchmarks", "mode": "full", "time": "t", "device": "cpu", "cpu": "c", "cpu_count": 2,
-            "jax_devices": 1, "versions": dict.fromkeys(("jax", "jaxlib", "optax", "flax", "torch", "numpy", "python", "wdjax"), "0"),
-            "torch_threads": 2, "xla_flags": "", "loadavg_start": None}
-    text = report.render({"meta": meta, "benchmarks": {"overhead": {"status": "error", "error": "x"}}}, before={})
+    meta = {
+        "command": "python -m benchmarks",
+        "mode": "full",
+        "time": "t",
+        "device": "cpu",
+        "cpu": "c",
+        "cpu_count": 2,
+        "jax_devices": 1,
+        "versions": dict.fromkeys(
+            ("jax", "jaxlib", "optax", "flax", "torch", "numpy", "python", "wdjax"), "0"
+        ),
+        "torch_threads": 2,
+        "xla_flags": "",
+        "loadavg_start": None,
+    }
+    text = report.render(
+        {"meta": meta, "benchmarks": {"overhead": {"status": "error", "error": "x"}}}, before={}
+    )
     assert "# wdjax benchmarks" in text and "Failed: `x`" in text

@@ -15,7 +15,12 @@ from wdjax import cli
 def _wdjax(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, "-m", "wdjax.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+        [sys.executable, "-m", "wdjax.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
     )
 
 
@@ -35,7 +40,16 @@ def test_train_end_to_end_on_digits(tmp_path):
 
 
 def test_resume_continues_where_a_run_stopped(tmp_path):
-    common = ["train", "--epochs", "4", "--checkpoint-every", "19", "--no-progress", "--widths", "32"]
+    common = [
+        "train",
+        "--epochs",
+        "4",
+        "--checkpoint-every",
+        "19",
+        "--no-progress",
+        "--widths",
+        "32",
+    ]
     straight = _wdjax(*common, "--out", str(tmp_path / "a"))
     half = _wdjax(*common[:2], "2", *common[3:], "--out", str(tmp_path / "b"))
     resumed = _wdjax(*common, "--out", str(tmp_path / "b"), "--resume")
@@ -50,7 +64,9 @@ def test_resume_continues_where_a_run_stopped(tmp_path):
 def test_bad_input_is_one_line_and_exit_2():
     proc = _wdjax("train", "--model", "resnet")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["wdjax: error: train: argument --model: invalid choice: 'resnet' (choose from 'mlp', 'cnn')"]
+    assert proc.stderr.strip().splitlines() == [
+        "wdjax: error: train: argument --model: invalid choice: 'resnet' (choose from 'mlp', 'cnn')"
+    ]
     assert "Traceback" not in proc.stderr
 
 
@@ -60,7 +76,10 @@ def test_bad_input_is_one_line_and_exit_2():
         (["train", "--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["train", "--lr", "-1"], "expected a value >= 0"),
         (["train", "--weight-decay", "nan"], "expected a value >= 0"),
-        (["train", "--mask", "*/nothing", "--epochs", "1"], "mask pattern '*/nothing' matches no parameter"),
+        (
+            ["train", "--mask", "*/nothing", "--epochs", "1"],
+            "mask pattern '*/nothing' matches no parameter",
+        ),
         (["train", "--mask", "all", "*/kernel"], "--mask takes one of default, all, none alone"),
         (["train", "--widths", "a,b"], "--widths takes comma-separated integers"),
         (["train", "--resume"], "--resume needs --checkpoint-every"),
@@ -73,7 +92,9 @@ def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("wdjax: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert (
+        err.startswith("wdjax: error: ") and message in err and len(err.strip().splitlines()) == 1
+    )
 
 
 def test_masks_command_prints_the_decay_table(capsys):
@@ -85,7 +106,20 @@ def test_masks_command_prints_the_decay_table(capsys):
 
 def test_sweep_command_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--widths", "16", "--weight-decay", "0,0.1", "--folds", "2", "--epochs", "2", "--no-progress", "--out", str(out)]
+    argv = [
+        "sweep",
+        "--widths",
+        "16",
+        "--weight-decay",
+        "0,0.1",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "chosen" in printed and "weight_decay" in printed

@@ -24,13 +24,21 @@ CASES = {
         r"the same weights up to float32 rounding \(max \|Δw\| = (\S+),",
         lambda d: float(d) < 1e-5,
     ),
-    "regularization_toolbox": ([], r"whole toolbox reached ([\d.]+)% test accuracy", lambda a: 0 < float(a) <= 100),
+    "regularization_toolbox": (
+        [],
+        r"whole toolbox reached ([\d.]+)% test accuracy",
+        lambda a: 0 < float(a) <= 100,
+    ),
     "cnn_weight_decay": (
         ["--data-dir", str(SHARED_MNIST)] if SHARED_MNIST.is_dir() else [],
         r"shrank the kernel norm from ([\d.]+) to ([\d.]+)",
         lambda before, after: float(after) < float(before),
     ),
-    "choose_lambda": ([], r"chose λ=(\S+) \(mean val accuracy ([\d.]+)%", lambda lam, acc: float(lam) >= 0),
+    "choose_lambda": (
+        [],
+        r"chose λ=(\S+) \(mean val accuracy ([\d.]+)%",
+        lambda lam, acc: float(lam) >= 0,
+    ),
     "finetune_l2sp": (
         [],
         r"beat decay toward zero in (\d+) of (\d+)",

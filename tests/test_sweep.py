@@ -19,8 +19,6 @@ import math
 import jax
 import numpy as np
 import pytest
-
-from wdjax import data, models, optimizers, train
 from wdjax.sweeps import (
     CPU_MEMORY_BUDGET,
     SweepResult,
@@ -30,6 +28,8 @@ from wdjax.sweeps import (
     select_setting,
     sweep,
 )
+
+from wdjax import data, models, optimizers, train
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRID = {

@@ -32,14 +32,22 @@ def _leaves_equal(a, b) -> bool:
 
 
 def test_fit_learns_digits_and_reports_metrics(digits, small_mlp):
-    result = train.fit(small_mlp, wdjax.adamw(3e-3, 1e-3), digits, epochs=8, batch_size=64, progress=False)
+    result = train.fit(
+        small_mlp, wdjax.adamw(3e-3, 1e-3), digits, epochs=8, batch_size=64, progress=False
+    )
     last = result.history[-1]
-    test = train.evaluate(small_mlp, result.state.params, result.state.model_state, digits.x_test, digits.y_test)
+    test = train.evaluate(
+        small_mlp, result.state.params, result.state.model_state, digits.x_test, digits.y_test
+    )
     assert test["accuracy"] >= 0.93
     assert len(result.history) == 8 and last["step"] == 8 * (len(digits.x_train) // 64)
-    assert last["learning_rate"] == pytest.approx(3e-3) and last["weight_decay"] == pytest.approx(1e-3)
+    assert last["learning_rate"] == pytest.approx(3e-3) and last["weight_decay"] == pytest.approx(
+        1e-3
+    )
     assert last["skipped"] == 0 and 0 <= last["zero_fraction"] < 0.01
-    assert last["weight_norm"] == pytest.approx(np.hypot(last["weight_norm_decayed"], last["weight_norm_other"]), rel=1e-5)
+    assert last["weight_norm"] == pytest.approx(
+        np.hypot(last["weight_norm_decayed"], last["weight_norm_other"]), rel=1e-5
+    )
     assert last["grad_norm"] > 0
 
 
@@ -53,13 +61,22 @@ def test_same_seed_same_run_other_seed_differs(digits, small_mlp):
 
 
 def test_penalty_terms_reported_and_added(digits, small_mlp):
-    step = train.make_train_step(small_mlp, optax.sgd(0.1), penalties=[wdjax.l2(0.5, masks.default()), wdjax.l1(0.1)])
+    step = train.make_train_step(
+        small_mlp, optax.sgd(0.1), penalties=[wdjax.l2(0.5, masks.default()), wdjax.l1(0.1)]
+    )
     state = train.init_state(small_mlp, optax.sgd(0.1), jax.random.PRNGKey(0))
     batch = {"x": jnp.asarray(digits.x_train[:32]), "y": jnp.asarray(digits.y_train[:32])}
     _, metrics = jax.jit(step)(state, batch)
-    expected_l2 = 0.25 * sum(float(jnp.sum(w**2)) for k, layer in state.params.items() for n, w in layer.items() if n == "kernel")
+    expected_l2 = 0.25 * sum(
+        float(jnp.sum(w**2))
+        for k, layer in state.params.items()
+        for n, w in layer.items()
+        if n == "kernel"
+    )
     assert float(metrics["l2"]) == pytest.approx(expected_l2, rel=1e-5)
-    assert float(metrics["l1"]) == pytest.approx(0.1 * sum(float(jnp.sum(jnp.abs(w))) for w in jax.tree.leaves(state.params)), rel=1e-5)
+    assert float(metrics["l1"]) == pytest.approx(
+        0.1 * sum(float(jnp.sum(jnp.abs(w))) for w in jax.tree.leaves(state.params)), rel=1e-5
+    )
     assert np.isnan(float(metrics["weight_decay"]))  # plain optax.sgd exposes no λ
 
 
@@ -72,7 +89,9 @@ def test_non_finite_step_is_skipped_and_counted(digits, small_mlp):
     new, metrics = step(state, {"x": jnp.asarray(x), "y": jnp.asarray(digits.y_train[:16])})
     assert int(new.skipped) == 1 and int(metrics["skipped"]) == 1 and int(new.step) == 1
     assert _leaves_equal(new.params, state.params) and _leaves_equal(new.opt_state, state.opt_state)
-    good, _ = step(new, {"x": jnp.asarray(digits.x_train[:16]), "y": jnp.asarray(digits.y_train[:16])})
+    good, _ = step(
+        new, {"x": jnp.asarray(digits.x_train[:16]), "y": jnp.asarray(digits.y_train[:16])}
+    )
     assert int(good.skipped) == 1 and not _leaves_equal(good.params, state.params)
 
 
@@ -87,13 +106,18 @@ class _WithFrozen:
         return {**params, "frozen": {"kernel": jnp.ones((4, 4))}}, state
 
     def apply(self, params, model_state, x, *, train, rng=None):
-        return self.inner.apply({k: v for k, v in params.items() if k != "frozen"}, model_state, x, train=train, rng=rng)
+        return self.inner.apply(
+            {k: v for k, v in params.items() if k != "frozen"}, model_state, x, train=train, rng=rng
+        )
 
 
 def test_masked_leaf_with_zero_gradient_stays_identical_to_no_decay(digits, small_mlp):
     model = _WithFrozen(small_mlp)
+
     def fit(opt):
-        return train.fit(model, opt, digits, epochs=1, batch_size=128, progress=False).state.params["frozen"]["kernel"]
+        return train.fit(model, opt, digits, epochs=1, batch_size=128, progress=False).state.params[
+            "frozen"
+        ]["kernel"]
 
     decayed = fit(wdjax.adamw(1e-2, 1.0))
     masked = fit(wdjax.adamw(1e-2, 1.0, mask=masks.default() & ~masks.match("frozen/*")))
@@ -113,35 +137,72 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(digits, small_mlp, tmp_
     opt = wdjax.sgdw(0.05, 1e-3, momentum=0.9)
     every = len(digits.x_train) // 128  # one checkpoint per epoch; 2 epochs = 2N steps
     kwargs = dict(batch_size=128, seed=3, progress=False)
-    straight = train.fit(small_mlp, opt, digits, epochs=2, checkpoints=checkpoint.Checkpointer(tmp_path / "a", every), **kwargs)
-    first = train.fit(small_mlp, opt, digits, epochs=1, checkpoints=checkpoint.Checkpointer(tmp_path / "b", every), **kwargs)
+    straight = train.fit(
+        small_mlp,
+        opt,
+        digits,
+        epochs=2,
+        checkpoints=checkpoint.Checkpointer(tmp_path / "a", every),
+        **kwargs,
+    )
+    first = train.fit(
+        small_mlp,
+        opt,
+        digits,
+        epochs=1,
+        checkpoints=checkpoint.Checkpointer(tmp_path / "b", every),
+        **kwargs,
+    )
     assert int(first.state.step) == every
-    resumed = train.fit(small_mlp, opt, digits, epochs=2, checkpoints=checkpoint.Checkpointer(tmp_path / "b", every), **kwargs)
+    resumed = train.fit(
+        small_mlp,
+        opt,
+        digits,
+        epochs=2,
+        checkpoints=checkpoint.Checkpointer(tmp_path / "b", every),
+        **kwargs,
+    )
     assert int(resumed.state.step) == 2 * every
     assert _leaves_equal(resumed.state, straight.state)
     assert resumed.history == straight.history
 
 
 def test_early_stopping_returns_best_state(digits, small_mlp):
-    result = train.fit(small_mlp, wdjax.adamw(3e-2, 0.0), digits, epochs=40, batch_size=32, patience=2, progress=False)
+    result = train.fit(
+        small_mlp,
+        wdjax.adamw(3e-2, 0.0),
+        digits,
+        epochs=40,
+        batch_size=32,
+        patience=2,
+        progress=False,
+    )
     assert result.stopped_early and len(result.history) < 40
     best = min(range(len(result.history)), key=lambda i: result.history[i]["val_loss"])
     assert len(result.history) - 1 - best == 2
-    val = train.evaluate(small_mlp, result.state.params, result.state.model_state, digits.x_val, digits.y_val)
+    val = train.evaluate(
+        small_mlp, result.state.params, result.state.model_state, digits.x_val, digits.y_val
+    )
     assert val["loss"] == pytest.approx(result.history[best]["val_loss"], rel=1e-5)
 
 
 def test_batch_norm_and_dropout_train(digits):
     model = models.create("cnn", input_shape=digits.input_shape, batch_norm=True, dropout=0.2)
-    result = train.fit(model, wdjax.adamw(3e-3, 1e-4), digits, epochs=3, batch_size=64, progress=False)
+    result = train.fit(
+        model, wdjax.adamw(3e-3, 1e-4), digits, epochs=3, batch_size=64, progress=False
+    )
     assert result.state.model_state  # batch stats carried and updated
     assert result.history[-1]["val_accuracy"] > 0.8
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"shared MNIST test set not found at {SHARED_MNIST}")
+@pytest.mark.skipif(
+    not SHARED_MNIST.is_dir(), reason=f"shared MNIST test set not found at {SHARED_MNIST}"
+)
 def test_cnn_reaches_95_percent_on_real_mnist():
     ds = data.load("mnist", data_dir=SHARED_MNIST, seed=0)
     model = models.create("cnn", input_shape=ds.input_shape)
     result = train.fit(model, wdjax.adamw(1e-3, 5e-4), ds, epochs=4, batch_size=64, progress=False)
-    test = train.evaluate(model, result.state.params, result.state.model_state, ds.x_test, ds.y_test)
+    test = train.evaluate(
+        model, result.state.params, result.state.model_state, ds.x_test, ds.y_test
+    )
     assert test["accuracy"] >= 0.95, test

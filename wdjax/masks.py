@@ -1,7 +1,6 @@
-"""Which parameters are regularized, and how strongly.
+"""Which parameters are regularized: masks select leaves of a params pytree.
 
-A *mask* says which leaves of a params pytree a penalty or transform touches. It
-may be given as
+A *mask* may be given as
 
 * ``None``: every floating-point leaf;
 * a :class:`Selector` (``match("*/kernel")``, ``regex(...)``, ``where(...)``,
@@ -17,8 +16,8 @@ trailing ``value`` attribute (``flax.nnx`` Variables) is dropped. Non-float
 leaves are never regularized. Masks are resolved from paths, shapes and dtypes
 only, so they are static under ``jit``; rates stay traced.
 
-A *rate* is a scalar, a pytree of per-leaf rates, or a :class:`RateMap` built by
-:func:`rates` (``{pattern: rate}`` with a fallback), like PyTorch param groups.
+How strongly each selected leaf is regularized is :mod:`wdjax.groups`'s business
+(per-group rates); :func:`describe` tabulates both.
 
 Every mask is validated: a pattern that matches no parameter, a mask tree that
 does not fit the params, and a mask that selects nothing all raise ``ValueError``.
@@ -28,19 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib
 import re
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TextIO
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from wdjax._checks import check_rate
-
-Params = Any
-Predicate = Callable[[str, Any], bool]
+from wdjax.types import Mask, Params, Predicate, is_float
 
 # ---------------------------------------------------------------------- paths
 
@@ -63,12 +59,6 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` in flattening order, paths joined with ``/``."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [("/".join(_path_parts(kp)), leaf) for kp, leaf in flat]
-
-
-def is_float(leaf: Any) -> bool:
-    """True for floating-point arrays: the only leaves that are ever regularized."""
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
 # ------------------------------------------------------------------ selectors
@@ -102,13 +92,17 @@ class Selector:
         )
 
     def __invert__(self) -> Selector:
-        return Selector(lambda p, x: not self.predicate(p, x), f"~{self.description}", self.patterns)
+        return Selector(
+            lambda p, x: not self.predicate(p, x), f"~{self.description}", self.patterns
+        )
 
     def __repr__(self) -> str:
         return f"Selector({self.description})"
 
 
-def _pattern_selector(kind: str, patterns: Sequence[str], test: Callable[[str, str], bool]) -> Selector:
+def _pattern_selector(
+    kind: str, patterns: Sequence[str], test: Callable[[str, str], bool]
+) -> Selector:
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"{kind}() takes one or more non-empty pattern strings, got {patterns!r}")
     checks = tuple((p, (lambda path, p=p: test(p, path))) for p in patterns)
@@ -127,7 +121,9 @@ def match(*patterns: str) -> Selector:
 def regex(*patterns: str) -> Selector:
     """Leaves whose path contains a match of any regular expression (``re.search``)."""
     compiled = {p: re.compile(p) for p in patterns if isinstance(p, str)}
-    return _pattern_selector("regex", patterns, lambda p, path: compiled[p].search(path) is not None)
+    return _pattern_selector(
+        "regex", patterns, lambda p, path: compiled[p].search(path) is not None
+    )
 
 
 def where(predicate: Predicate, description: str | None = None) -> Selector:
@@ -148,42 +144,10 @@ def default(*, embeddings: bool = False) -> Selector:
     kernels = where(lambda p, x: np.ndim(x) >= 2, "ndim>=2")
     if embeddings:
         return Selector(kernels.predicate, "default(embeddings=True)")
-    return Selector(
-        lambda p, x: kernels.predicate(p, x) and not _EMBEDDING.search(p), "default()"
-    )
+    return Selector(lambda p, x: kernels.predicate(p, x) and not _EMBEDDING.search(p), "default()")
 
 
 DEFAULT = default()  # the default of the optimizers, the trainer and the CLI
-
-
-# ---------------------------------------------------------------- rate maps
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class RateMap:
-    """Per-group rates: the first pattern (glob) that matches a leaf gives its rate;
-    leaves no pattern matches get ``default``. Built by :func:`rates`."""
-
-    groups: tuple[tuple[str, Any], ...]
-    default: Any = 0.0
-
-    def resolve(self, params: Params) -> list[Any]:
-        paths = [p for p, _ in leaves_with_paths(params)]
-        for pattern, _ in self.groups:
-            if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
-                raise ValueError(f"rate pattern {pattern!r} matches no parameter; paths are: {_preview(paths)}")
-        return [
-            next((r for pat, r in self.groups if fnmatch.fnmatchcase(p, pat)), self.default)
-            for p in paths
-        ]
-
-
-def rates(groups: Mapping[str, Any], default: Any = 0.0) -> RateMap:
-    """``rates({"*/kernel": 1e-4, "*embedding": 1e-5}, default=0.0)``: per-group rates."""
-    for pattern, rate in groups.items():
-        check_rate(rate, f"rate for {pattern!r}")
-    check_rate(default, "default rate")
-    return RateMap(tuple(groups.items()), default)
 
 
 # ---------------------------------------------------------------- resolution
@@ -204,7 +168,9 @@ def _fit_tree(tree: Any, params: Params, what: str) -> list[Any]:
         parts = tuple(path.split("/")) if path else ()
         hits = [i for i, (e, _) in enumerate(entries) if parts[: len(e)] == e]
         if not hits:
-            raise ValueError(f"{what} tree does not fit the params: no entry for parameter {path!r}")
+            raise ValueError(
+                f"{what} tree does not fit the params: no entry for parameter {path!r}"
+            )
         used.add(hits[-1])
         out.append(entries[hits[-1]][1])
     for i, (e, _) in enumerate(entries):
@@ -216,12 +182,14 @@ def _fit_tree(tree: Any, params: Params, what: str) -> list[Any]:
 
 
 def _as_bool(value: Any, path: str) -> bool:
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, np.ndarray) and value.shape == () and value.dtype == bool):
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, np.ndarray) and value.shape == () and value.dtype == bool
+    ):
         return bool(value)
     raise ValueError(f"mask leaves must be Python bools, got {type(value).__name__} at {path!r}")
 
 
-def _selector_of(mask: Any) -> Selector | None:
+def _selector_of(mask: Mask) -> Selector | None:
     if mask is None:
         return ALL
     if isinstance(mask, Selector):
@@ -233,7 +201,7 @@ def _selector_of(mask: Any) -> Selector | None:
     return None
 
 
-def resolve(params: Params, mask: Any = None) -> list[bool]:
+def resolve(params: Params, mask: Mask = None) -> list[bool]:
     """The mask as one bool per leaf of ``params`` (flattening order); non-float
     leaves are always ``False``. Raises ``ValueError`` on any mask that does not fit
     or selects nothing."""
@@ -259,107 +227,27 @@ def resolve(params: Params, mask: Any = None) -> list[bool]:
     return chosen
 
 
-def check_rate_arg(rate: Any, what: str = "rate") -> None:
-    """Check every concrete value of a scalar, schedule, rate pytree or :class:`RateMap`
-    (a RateMap was checked when built)."""
-    if isinstance(rate, RateMap):
-        return
-    leaves = jax.tree.leaves(rate)
-    if not leaves:
-        raise ValueError(f"{what} must be a number, a schedule, a pytree of rates or masks.rates(...), got {rate!r}")
-    for leaf in leaves:
-        check_rate(leaf, what)
+# Names that moved out of this module: rates to wdjax.groups (deprecated here for one
+# release), the describe table to wdjax.tables (kept here as the documented spelling).
+_MOVED = {
+    "rates": "wdjax.groups",
+    "RateMap": "wdjax.groups",
+    "leaf_rates": "wdjax.groups",
+    "check_rate_arg": "wdjax.groups",
+    "describe": "wdjax.tables",
+    "Table": "wdjax.tables",
+    "Row": "wdjax.tables",
+}
 
 
-def _is_scalar(rate: Any) -> bool:
-    return isinstance(rate, (int, float, np.number)) or (hasattr(rate, "shape") and np.ndim(rate) == 0)
-
-
-def leaf_rates(params: Params, rate: Any, mask: Any = None) -> list[Any]:
-    """One rate per leaf of ``params`` (flattening order), ``None`` where the leaf is
-    left alone: masked out, non-float, or a rate that is the literal ``0``.
-
-    ``rate`` is a scalar (concrete or traced), a :class:`RateMap`, or a pytree of
-    per-leaf rates shaped like the params (or a prefix of them)."""
-    chosen = resolve(params, mask)
-    if isinstance(rate, RateMap):
-        values = rate.resolve(params)
-    elif _is_scalar(rate):
-        check_rate(rate, "rate")
-        values = [rate] * len(chosen)
-    else:
-        values = _fit_tree(rate, params, "rate")
-        for (p, _), v in zip(leaves_with_paths(params), values, strict=True):
-            check_rate(v, f"rate for {p!r}")
-    return [
-        v if c and not (isinstance(v, (int, float)) and v == 0) else None
-        for c, v in zip(chosen, values, strict=True)
-    ]
-
-
-# ------------------------------------------------------------------ describe
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    size: int
-    rate: float | None  # None: not regularized
-
-
-@dataclasses.dataclass(frozen=True)
-class Table:
-    """What :func:`describe` returns: one :class:`Row` per leaf, and totals."""
-
-    rows: tuple[Row, ...]
-
-    @property
-    def decayed(self) -> int:
-        return sum(r.size for r in self.rows if r.rate is not None)
-
-    @property
-    def total(self) -> int:
-        return sum(r.size for r in self.rows)
-
-    def __str__(self) -> str:
-        head = ("path", "shape", "dtype", "size", "rate")
-        body = [
-            (r.path, str(r.shape), r.dtype, f"{r.size:,}", "-" if r.rate is None else f"{r.rate:g}")
-            for r in self.rows
-        ]
-        widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in (head, *body)]
-        share = self.decayed / self.total if self.total else 0.0
-        lines.append(
-            f"regularized {self.decayed:,} of {self.total:,} parameters ({share:.1%}); "
-            f"not regularized {self.total - self.decayed:,}"
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module 'wdjax.masks' has no attribute {name!r}")
+    home = _MOVED[name]
+    if home == "wdjax.groups":
+        warnings.warn(
+            f"wdjax.masks.{name} moved to {home}.{name}; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
         )
-        return "\n".join(lines)
-
-
-def describe(
-    params: Params, mask: Any = None, rate: Any = 1.0, *, file: TextIO | Literal["stdout"] | None = "stdout"
-) -> Table:
-    """Tabulate every leaf's path, shape, dtype, size and rate, print it to ``file``
-    (``"stdout"``: ``sys.stdout`` when called, so redirection works; ``None``: don't
-    print) and return it. ``mask`` may also be a :class:`RateMap`, which then gives
-    the rates: ``describe(params, rates({...}))``."""
-    if isinstance(mask, RateMap):
-        mask, rate = None, mask
-    per_leaf = leaf_rates(params, rate, mask)
-    rows = tuple(
-        Row(
-            p,
-            tuple(np.shape(x)),
-            str(getattr(x, "dtype", type(x).__name__)),
-            int(np.size(x)) if hasattr(x, "shape") else 0,
-            None if r is None else float(r),
-        )
-        for (p, x), r in zip(leaves_with_paths(params), per_leaf, strict=True)
-    )
-    table = Table(rows)
-    if file is not None:
-        print(table, file=sys.stdout if file == "stdout" else file)
-    return table
+    return getattr(importlib.import_module(home), name)

@@ -15,7 +15,7 @@ normalization parameters and embeddings are not decayed), ``l1`` (adds
 :func:`wdjax.l1_proximal` last; ``None`` leaves it out) and, for the decoupled ones,
 ``lr_coupling`` and ``cautious`` (see :func:`wdjax.decoupled_weight_decay`).
 
-``weight_decay`` and ``l1`` may also be per-group :func:`wdjax.masks.rates` (then they
+``weight_decay`` and ``l1`` may also be per-group :func:`wdjax.rates` (then they
 are static). Scalar ``learning_rate``, ``weight_decay`` and ``l1`` live in the optimizer state as float32
 hyperparameters (``optax.inject_hyperparams``), so they can be read and changed
 without recompiling, and vmapped over for sweeps::
@@ -34,53 +34,44 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from wdjax import masks
-from wdjax._checks import check_rate
-from wdjax.transforms import (
-    Coupling,
-    ScalarOrSchedule,
-    _multiplier,
-    add_l2_gradient,
-    decoupled_weight_decay,
-    l1_proximal,
-)
+from wdjax import groups, masks
+from wdjax.transforms import _decoupled, _l1_proximal, _l2_gradient, _validated, multiplier
+from wdjax.types import Coupling, Mask, Rate, ScalarOrSchedule
 
 
 def _build(
     direction: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule,
+    weight_decay: Rate,
     *,
     coupled: bool,
-    mask: Any,
-    l1: ScalarOrSchedule | None,
+    mask: Mask,
+    l1: Rate | None,
     lr_coupling: Coupling = "lr",
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    check_rate(learning_rate, "learning_rate")
-    for name, value in (("weight_decay", weight_decay), ("l1", l1)):
-        if value is not None:
-            masks.check_rate_arg(value, name)
+    """The one place an optimizer's arguments are checked; the chain below is rebuilt
+    by ``inject_hyperparams`` at every trace and checks nothing."""
+    _validated(weight_decay, mask, learning_rate=learning_rate, max_learning_rate=max_learning_rate)
+    if l1 is not None:
+        groups.check_rate_arg(l1, "l1")
     if not coupled:
-        _multiplier(lr_coupling, learning_rate, max_learning_rate)  # validates the coupling now
+        multiplier(lr_coupling, learning_rate, max_learning_rate)
 
-    def chain(learning_rate: Any, weight_decay: Any, l1: Any = None) -> optax.GradientTransformation:
-        parts = [add_l2_gradient(weight_decay, mask)] if coupled else []
+    def chain(
+        learning_rate: Any, weight_decay: Any, l1: Any = None
+    ) -> optax.GradientTransformation:
+        parts = [_l2_gradient(weight_decay, mask)] if coupled else []
         parts += [direction, optax.scale_by_learning_rate(learning_rate)]
         if not coupled:
             parts.append(
-                decoupled_weight_decay(
-                    weight_decay,
-                    mask,
-                    learning_rate=learning_rate,
-                    lr_coupling=lr_coupling,
-                    max_learning_rate=max_learning_rate,
-                    cautious=cautious,
+                _decoupled(
+                    weight_decay, mask, learning_rate, lr_coupling, max_learning_rate, cautious
                 )
             )
         if l1 is not None:
-            parts.append(l1_proximal(l1, learning_rate, mask))
+            parts.append(_l1_proximal(l1, mask, learning_rate))
         return optax.chain(*parts)
 
     hyper = {"learning_rate": learning_rate, "weight_decay": weight_decay}
@@ -91,74 +82,92 @@ def _build(
 
 def adamw(
     learning_rate: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule = 1e-4,
+    weight_decay: Rate = 1e-4,
     *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     nesterov: bool = False,
-    mask: Any = masks.DEFAULT,
-    l1: ScalarOrSchedule | None = None,
+    mask: Mask = masks.DEFAULT,
+    l1: Rate | None = None,
     lr_coupling: Coupling = "lr",
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW: ``u = −η_t·m̂/(√v̂ + ε) − c_t·λ·w`` (``nesterov=True``: NAdamW)."""
     return _build(
-        optax.scale_by_adam(b1, b2, eps, nesterov=nesterov), learning_rate, weight_decay,
-        coupled=False, mask=mask, l1=l1, lr_coupling=lr_coupling,
-        max_learning_rate=max_learning_rate, cautious=cautious,
+        optax.scale_by_adam(b1, b2, eps, nesterov=nesterov),
+        learning_rate,
+        weight_decay,
+        coupled=False,
+        mask=mask,
+        l1=l1,
+        lr_coupling=lr_coupling,
+        max_learning_rate=max_learning_rate,
+        cautious=cautious,
     )
 
 
 def adam_l2(
     learning_rate: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule = 1e-4,
+    weight_decay: Rate = 1e-4,
     *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    mask: Any = masks.DEFAULT,
-    l1: ScalarOrSchedule | None = None,
+    mask: Mask = masks.DEFAULT,
+    l1: Rate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam on ``g + λ·w`` (coupled L2): PyTorch ``Adam(weight_decay=λ)``."""
     return _build(
-        optax.scale_by_adam(b1, b2, eps), learning_rate, weight_decay, coupled=True, mask=mask, l1=l1
+        optax.scale_by_adam(b1, b2, eps),
+        learning_rate,
+        weight_decay,
+        coupled=True,
+        mask=mask,
+        l1=l1,
     )
 
 
 def _momentum(momentum: float, nesterov: bool) -> optax.GradientTransformation:
-    check_rate(momentum, "momentum")
+    groups.check_rate(momentum, "momentum")
     return optax.trace(momentum, nesterov) if momentum else optax.identity()
 
 
 def sgdw(
     learning_rate: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule = 1e-4,
+    weight_decay: Rate = 1e-4,
     *,
     momentum: float = 0.0,
     nesterov: bool = False,
-    mask: Any = masks.DEFAULT,
-    l1: ScalarOrSchedule | None = None,
+    mask: Mask = masks.DEFAULT,
+    l1: Rate | None = None,
     lr_coupling: Coupling = "lr",
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD with (heavy-ball or Nesterov) momentum and decoupled decay ``u ← u − c_t·λ·w``."""
     return _build(
-        _momentum(momentum, nesterov), learning_rate, weight_decay, coupled=False, mask=mask, l1=l1,
-        lr_coupling=lr_coupling, max_learning_rate=max_learning_rate, cautious=cautious,
+        _momentum(momentum, nesterov),
+        learning_rate,
+        weight_decay,
+        coupled=False,
+        mask=mask,
+        l1=l1,
+        lr_coupling=lr_coupling,
+        max_learning_rate=max_learning_rate,
+        cautious=cautious,
     )
 
 
 def sgd_l2(
     learning_rate: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule = 1e-4,
+    weight_decay: Rate = 1e-4,
     *,
     momentum: float = 0.0,
     nesterov: bool = False,
-    mask: Any = masks.DEFAULT,
-    l1: ScalarOrSchedule | None = None,
+    mask: Mask = masks.DEFAULT,
+    l1: Rate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD on ``g + λ·w``: PyTorch ``SGD(weight_decay=λ, momentum=μ, nesterov=...)``."""
     return _build(
@@ -168,20 +177,27 @@ def sgd_l2(
 
 def lionw(
     learning_rate: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule = 1e-2,
+    weight_decay: Rate = 1e-2,
     *,
     b1: float = 0.9,
     b2: float = 0.99,
-    mask: Any = masks.DEFAULT,
-    l1: ScalarOrSchedule | None = None,
+    mask: Mask = masks.DEFAULT,
+    l1: Rate | None = None,
     lr_coupling: Coupling = "lr",
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Lion (sign of interpolated momentum) with decoupled decay, as in the Lion paper."""
     return _build(
-        optax.scale_by_lion(b1, b2), learning_rate, weight_decay, coupled=False, mask=mask, l1=l1,
-        lr_coupling=lr_coupling, max_learning_rate=max_learning_rate, cautious=cautious,
+        optax.scale_by_lion(b1, b2),
+        learning_rate,
+        weight_decay,
+        coupled=False,
+        mask=mask,
+        l1=l1,
+        lr_coupling=lr_coupling,
+        max_learning_rate=max_learning_rate,
+        cautious=cautious,
     )
 
 
@@ -190,7 +206,9 @@ def set_hyperparams(opt_state: Any, **values: Any) -> Any:
     ``learning_rate``, ``l1``) set to ``values``, as float32 arrays like the ones they
     replace, so a jitted step sees the same types and does not recompile (a Python
     float set with ``optax.tree_utils.tree_set`` would be weakly typed: one recompile)."""
-    return optax.tree_utils.tree_set(opt_state, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+    return optax.tree_utils.tree_set(
+        opt_state, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+    )
 
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
@@ -202,7 +220,9 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
 }
 
 
-def create(name: str, learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule, **kwargs: Any):
+def create(
+    name: str, learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule, **kwargs: Any
+):
     """Build an optimizer by name (one of :data:`OPTIMIZERS`)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

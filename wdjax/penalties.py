@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wdjax import masks
+from wdjax import groups
+from wdjax.types import Mask, Params, Rate, f32
 
-Params = Any
 Term = Callable[[jax.Array, Any], jax.Array]  # (leaf in float32, aligned extra) -> scalar
 
 
@@ -43,21 +43,21 @@ class Penalty:
         return self.fn(params)
 
 
-def _f32(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _penalty(name: str, rate: Any, mask: Any, term: Term, extra: Any = None) -> Penalty:
+def _penalty(name: str, rate: Rate, mask: Mask, term: Term, extra: Any = None) -> Penalty:
     """Σ over selected leaves of ``rate_leaf · term(w, extra_leaf)``."""
-    masks.check_rate_arg(rate, f"{name} rate")
+    groups.check_rate_arg(rate, f"{name} rate")
 
     def fn(params: Params) -> jax.Array:
         leaves = jax.tree.leaves(params)
-        extras = [None] * len(leaves) if extra is None else jax.tree.structure(params).flatten_up_to(extra)
+        extras = (
+            [None] * len(leaves)
+            if extra is None
+            else jax.tree.structure(params).flatten_up_to(extra)
+        )
         total = jnp.zeros((), jnp.float32)
-        for w, e, r in zip(leaves, extras, masks.leaf_rates(params, rate, mask), strict=True):
+        for w, e, r in zip(leaves, extras, groups.leaf_rates(params, rate, mask), strict=True):
             if r is not None:
-                total = total + r * term(_f32(w), e)
+                total = total + r * term(f32(w), e)
         return total
 
     return Penalty(name, fn)
@@ -71,26 +71,30 @@ def _abs(w: jax.Array, _: Any) -> jax.Array:
     return jnp.sum(jnp.abs(w))
 
 
-def l2(rate: Any, mask: Any = None) -> Penalty:
+def l2(rate: Rate, mask: Mask = None) -> Penalty:
     """``R(w) = rate/2 · Σ w²``, gradient ``rate · w``."""
     return _penalty("l2", rate, mask, _half_sq)
 
 
-def l1(rate: Any, mask: Any = None) -> Penalty:
+def l1(rate: Rate, mask: Mask = None) -> Penalty:
     """``R(w) = rate · Σ |w|`` (subgradient 0 at 0; use :func:`wdjax.l1_proximal` for exact zeros)."""
     return _penalty("l1", rate, mask, _abs)
 
 
-def elastic_net(l1: Any, l2: Any, mask: Any = None) -> Penalty:
+def elastic_net(l1: Rate, l2: Rate, mask: Mask = None) -> Penalty:
     """``R(w) = l1 · Σ |w| + l2/2 · Σ w²``."""
     a, b = _penalty("l1", l1, mask, _abs), _penalty("l2", l2, mask, _half_sq)
     return Penalty("elastic_net", lambda params: a(params) + b(params))
 
 
-def l2_toward(anchor: Params, rate: Any, mask: Any = None) -> Penalty:
+def l2_toward(anchor: Params, rate: Rate, mask: Mask = None) -> Penalty:
     """``R(w) = rate/2 · Σ (w − w₀)²`` toward reference weights ``anchor`` (L2-SP)."""
     return _penalty(
-        "l2_toward", rate, mask, lambda w, w0: 0.5 * jnp.sum(jnp.square(w - _f32(jnp.asarray(w0)))), anchor
+        "l2_toward",
+        rate,
+        mask,
+        lambda w, w0: 0.5 * jnp.sum(jnp.square(w - f32(jnp.asarray(w0)))),
+        anchor,
     )
 
 
@@ -100,7 +104,7 @@ def _safe_norm(sq: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def group_lasso(rate: Any, axis: int | Sequence[int], mask: Any = None) -> Penalty:
+def group_lasso(rate: Rate, axis: int | Sequence[int], mask: Mask = None) -> Penalty:
     """``R(w) = rate · Σ_g ‖w_g‖₂``: each group is one slice of ``w`` over ``axis``
     (for a Dense kernel ``(in, out)``, ``axis=0`` gives one group per output unit)."""
     return _penalty(
@@ -108,7 +112,9 @@ def group_lasso(rate: Any, axis: int | Sequence[int], mask: Any = None) -> Penal
     )
 
 
-def regularized(loss_fn: Callable[..., Any], *penalties: Penalty, has_aux: bool = False) -> Callable[..., tuple]:
+def regularized(
+    loss_fn: Callable[..., Any], *penalties: Penalty, has_aux: bool = False
+) -> Callable[..., tuple]:
     """``f(params, *args) -> (data_loss + Σ R_i(params), aux)``.
 
     ``aux`` is ``{"data_loss": ..., <penalty name>: value, ...}`` (repeated names get
@@ -126,7 +132,9 @@ def regularized(loss_fn: Callable[..., Any], *penalties: Penalty, has_aux: bool 
     def total(params: Params, *args: Any, **kwargs: Any) -> tuple[jax.Array, dict]:
         out = loss_fn(params, *args, **kwargs)
         data_loss, inner = out if has_aux else (out, None)
-        aux = {"data_loss": data_loss} | {n: p(params) for n, p in zip(names, penalties, strict=True)}
+        aux = {"data_loss": data_loss} | {
+            n: p(params) for n, p in zip(names, penalties, strict=True)
+        }
         if has_aux:
             aux["aux"] = inner
         return data_loss + sum(aux[n] for n in names), aux

@@ -14,30 +14,29 @@ transform                      rule                                    where in 
 ``max_norm(c, axis)``          ``w⁺ = w + u;  w⁺ ← w⁺·min(1, c/‖w⁺‖)``                last
 =============================  ======================================  ==================
 
-Every transform takes ``rate`` (scalar, schedule ``step -> λ``, traced value, per-leaf
-pytree or :func:`wdjax.masks.rates`) and ``mask`` (see :mod:`wdjax.masks`). Masked-out
-and non-float leaves pass through bit for bit; a Python ``0`` rate is the identity.
-Arithmetic is in float32 for low-precision leaves, cast back to the update's dtype.
+Every transform has the signature ``(rate, mask=None, *, learning_rate=..., ...)``:
+``rate`` is a scalar, a schedule ``step -> λ``, a traced value, a per-leaf pytree or
+:func:`wdjax.rates` (see :mod:`wdjax.groups`), ``mask`` selects leaves (see
+:mod:`wdjax.masks`). Masked-out and non-float leaves pass through bit for bit; a
+Python ``0`` rate is the identity. Arithmetic is in float32 for low-precision leaves,
+cast back to the update's dtype. Arguments are validated once, by the public factory.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from wdjax import masks
-from wdjax._checks import check_rate
+from wdjax import groups, masks
+from wdjax.groups import check_rate
+from wdjax.types import COUPLINGS, Coupling, Mask, Params, Rate, ScalarOrSchedule, f32
 
-Params = Any
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], Any]
 LeafStep = Callable[[jax.Array, jax.Array, Any, Any], jax.Array]  # (u, w, rate, w0) -> u
-Coupling = Literal["lr", "schedule", "corrected", "constant"]
-COUPLINGS: tuple[str, ...] = ("lr", "schedule", "corrected", "constant")
 
 
 class DecayState(NamedTuple):
@@ -51,10 +50,6 @@ def _at(value: Any, count: jax.Array) -> Any:
     return value(count) if callable(value) else value
 
 
-def _f32(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def _leafwise(
     rate: Any,
     mask: Any,
@@ -62,32 +57,55 @@ def _leafwise(
     anchor: Params = None,
     check_init: Callable[[Params, list[Any]], None] | None = None,
 ) -> optax.GradientTransformation:
-    """A transformation that rewrites each selected leaf with ``make_step(count)``."""
-    masks.check_rate_arg(rate)
+    """A transformation that rewrites each selected leaf with ``make_step(count)``.
+    ``rate`` and ``mask`` were validated by the public factory; the mask's fit to the
+    params is checked at ``init``."""
 
     def init_fn(params: Params) -> DecayState:
         if anchor is not None:
             _aligned(params, anchor, "anchor")
         count = jnp.zeros([], jnp.int32)
-        rates = masks.leaf_rates(params, _at(rate, count), mask)  # validates mask and rates now
+        rates = groups.leaf_rates(params, _at(rate, count), mask)  # validates mask and rates now
         if check_init is not None:
             check_init(params, rates)
         return DecayState(count, jax.tree.map(jnp.array, anchor))  # a copy: states get donated
 
     def update_fn(updates: Params, state: DecayState, params: Params | None = None):
         if params is None:
-            raise ValueError("wdjax transforms need the params: call update(updates, state, params)")
+            raise ValueError(
+                "wdjax transforms need the params: call update(updates, state, params)"
+            )
         leaves, treedef = jax.tree.flatten(params)
-        rates = masks.leaf_rates(params, _at(rate, state.count), mask)
-        anchors = _aligned(params, state.anchor, "anchor") if state.anchor is not None else [None] * len(leaves)
+        _check_shapes(updates, leaves, treedef)
+        rates = groups.leaf_rates(params, _at(rate, state.count), mask)
+        anchors = (
+            _aligned(params, state.anchor, "anchor")
+            if state.anchor is not None
+            else [None] * len(leaves)
+        )
         step = make_step(state.count)
         out = [
             u if r is None else step(u, w, r, w0)
-            for u, w, r, w0 in zip(treedef.flatten_up_to(updates), leaves, rates, anchors, strict=True)
+            for u, w, r, w0 in zip(
+                treedef.flatten_up_to(updates), leaves, rates, anchors, strict=True
+            )
         ]
         return treedef.unflatten(out), DecayState(optax.safe_increment(state.count), state.anchor)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_shapes(updates: Params, leaves: list[Any], treedef: Any) -> None:
+    """Updates must have the params' structure and shapes: never broadcast silently."""
+    try:
+        flat = treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"updates do not have the structure of the params: {e}") from None
+    for u, w in zip(flat, leaves, strict=True):
+        if jnp.shape(u) != jnp.shape(w):
+            raise ValueError(
+                f"an update has shape {jnp.shape(u)} where its param has {jnp.shape(w)}"
+            )
 
 
 def _aligned(params: Params, tree: Params, what: str) -> list[Any]:
@@ -97,38 +115,56 @@ def _aligned(params: Params, tree: Params, what: str) -> list[Any]:
         raise ValueError(f"{what} does not have the structure of the params: {e}") from None
 
 
-def add_l2_gradient(rate: Any, mask: Any = None) -> optax.GradientTransformation:
+def _validated(rate: Rate, mask: Mask, **numbers: Any) -> None:
+    """The checks of every public factory: ``rate`` and the named numbers are real,
+    finite and ``≥ 0`` (schedules pass), and a mask of patterns is well formed."""
+    groups.check_rate_arg(rate)
+    for name, value in numbers.items():
+        if value is not None:
+            check_rate(value, name)
+    masks._selector_of(mask)  # raises on malformed pattern lists
+
+
+def add_l2_gradient(rate: Rate, mask: Mask = None) -> optax.GradientTransformation:
     """Coupled L2: ``g ← g + λ_t·w``, the gradient of ``λ/2·Σw²``.
 
     Place it *before* the optimizer's scaling. This is PyTorch's ``weight_decay=λ``
     in ``SGD`` and ``Adam``, and ``optax.add_decayed_weights(λ)`` placed first."""
+    _validated(rate, mask)
+    return _l2_gradient(rate, mask)
 
+
+def _l2_gradient(rate: Rate, mask: Mask) -> optax.GradientTransformation:
     def make_step(count: jax.Array) -> LeafStep:
-        return lambda g, w, r, _: (_f32(g) + r * _f32(w)).astype(g.dtype)
+        return lambda g, w, r, _: (f32(g) + r * f32(w)).astype(g.dtype)
 
     return _leafwise(rate, mask, make_step)
 
 
-def _multiplier(
-    lr_coupling: str, learning_rate: ScalarOrSchedule | None, max_learning_rate: float | None
+def multiplier(
+    lr_coupling: Coupling,
+    learning_rate: ScalarOrSchedule | None,
+    max_learning_rate: float | None = None,
 ) -> Callable[[jax.Array], Any]:
-    """The per-step multiplier ``c_t`` of decoupled decay."""
+    """The per-step multiplier ``c_t`` of decoupled decay (see
+    :func:`decoupled_weight_decay`), as a function of the step count."""
     if lr_coupling not in COUPLINGS:
         raise ValueError(f"lr_coupling must be one of {COUPLINGS}, got {lr_coupling!r}")
     if lr_coupling == "constant":
         return lambda count: 1.0
     if learning_rate is None:
         raise ValueError(
-            f"lr_coupling={lr_coupling!r} needs learning_rate= (the value or schedule the optimizer uses)"
+            f"lr_coupling={lr_coupling!r} needs learning_rate= "
+            "(the value or schedule the optimizer uses)"
         )
-    check_rate(learning_rate, "learning_rate")
     if lr_coupling == "lr":
         return lambda count: _at(learning_rate, count)
     if max_learning_rate is None:
         if callable(learning_rate):
-            raise ValueError(f"lr_coupling={lr_coupling!r} with a schedule needs max_learning_rate= (η_max)")
+            raise ValueError(
+                f"lr_coupling={lr_coupling!r} with a schedule needs max_learning_rate= (η_max)"
+            )
         max_learning_rate = learning_rate
-    check_rate(max_learning_rate, "max_learning_rate")
     power = 1 if lr_coupling == "schedule" else 2
     return lambda count: _at(learning_rate, count) ** power / max_learning_rate
 
@@ -149,8 +185,8 @@ def _warn_if_below_resolution(c0: Any) -> Callable[[Params, list[Any]], None]:
             if 0 < step < half_ulp:
                 warnings.warn(
                     f"decay per step c·λ = {step:.3g} is below the resolution of {w.dtype} "
-                    f"(eps/2 = {half_ulp:.3g}) at {path!r}: w·(1 − c·λ) rounds to w and the decay "
-                    "does nothing; keep float32 master weights or raise λ",
+                    f"(eps/2 = {half_ulp:.3g}) at {path!r}: w·(1 − c·λ) rounds to w and the "
+                    "decay does nothing; keep float32 master weights or raise λ",
                     RuntimeWarning,
                     stacklevel=4,
                 )
@@ -160,8 +196,8 @@ def _warn_if_below_resolution(c0: Any) -> Callable[[Params, list[Any]], None]:
 
 
 def decoupled_weight_decay(
-    rate: Any,
-    mask: Any = None,
+    rate: Rate,
+    mask: Mask = None,
     *,
     learning_rate: ScalarOrSchedule | None = None,
     lr_coupling: Coupling = "lr",
@@ -186,17 +222,31 @@ def decoupled_weight_decay(
     Chen et al. 2025). ``anchor`` decays toward reference weights instead of zero,
     as :func:`decay_toward` does. With bfloat16/float16 weights a ``RuntimeWarning``
     says when ``c·λ`` is too small to change them at all."""
-    c = _multiplier(lr_coupling, learning_rate, max_learning_rate)
+    _validated(rate, mask, learning_rate=learning_rate, max_learning_rate=max_learning_rate)
+    multiplier(lr_coupling, learning_rate, max_learning_rate)  # the coupling's own checks
+    return _decoupled(rate, mask, learning_rate, lr_coupling, max_learning_rate, cautious, anchor)
+
+
+def _decoupled(
+    rate: Rate,
+    mask: Mask,
+    learning_rate: ScalarOrSchedule | None,
+    lr_coupling: Coupling,
+    max_learning_rate: float | None,
+    cautious: bool,
+    anchor: Params = None,
+) -> optax.GradientTransformation:
+    c = multiplier(lr_coupling, learning_rate, max_learning_rate)
 
     def make_step(count: jax.Array) -> LeafStep:
         c_t = c(count)
 
         def step(u: jax.Array, w: jax.Array, r: Any, w0: Any) -> jax.Array:
-            d = _f32(w) if w0 is None else _f32(w) - _f32(w0)
+            d = f32(w) if w0 is None else f32(w) - f32(w0)
             decay = c_t * r * d
             if cautious:
-                decay = jnp.where(_f32(u) * d <= 0, decay, 0.0)
-            return (_f32(u) - decay).astype(u.dtype)
+                decay = jnp.where(f32(u) * d <= 0, decay, 0.0)
+            return (f32(u) - decay).astype(u.dtype)
 
         return step
 
@@ -204,44 +254,75 @@ def decoupled_weight_decay(
     return _leafwise(rate, mask, make_step, anchor, _warn_if_below_resolution(c0))
 
 
-def decay_toward(anchor: Params, rate: Any, mask: Any = None, **kwargs: Any) -> optax.GradientTransformation:
+def decay_toward(
+    anchor: Params, rate: Rate, mask: Mask = None, **kwargs: Any
+) -> optax.GradientTransformation:
     """Decoupled decay toward reference weights, ``u ← u − c_t·λ_t·(w − w₀)``
     (the decoupled form of L2-SP). Keyword arguments as :func:`decoupled_weight_decay`;
     ``anchor`` lives in the state, so it is checkpointed and sharded with it."""
     return decoupled_weight_decay(rate, mask, anchor=anchor, **kwargs)
 
 
-def l1_proximal(rate: Any, learning_rate: ScalarOrSchedule, mask: Any = None) -> optax.GradientTransformation:
+def _moved_to_keyword(name: str, keyword: str) -> None:
+    warnings.warn(
+        f"{name}'s second positional argument is now mask; pass {keyword}= by keyword "
+        "(the positional form goes in the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def l1_proximal(
+    rate: Rate, mask: Mask = None, *, learning_rate: ScalarOrSchedule | None = None
+) -> optax.GradientTransformation:
     """Proximal L1 (soft-thresholding), last in a chain:
     ``w⁺ = w + u;  u ← sign(w⁺)·max(|w⁺| − η_t·λ_t, 0) − w``.
 
-    Unlike the subgradient of ``λ·Σ|w|``, this yields exact zeros."""
-    check_rate(learning_rate, "learning_rate")
+    Unlike the subgradient of ``λ·Σ|w|``, this yields exact zeros. ``learning_rate``
+    is the η (value or schedule) the optimizer before it uses."""
+    if learning_rate is None and mask is not None:  # the 0.1 form l1_proximal(rate, η)
+        _moved_to_keyword("l1_proximal", "learning_rate")
+        mask, learning_rate = None, mask
+    if learning_rate is None:
+        raise ValueError("l1_proximal needs learning_rate= (the η the optimizer uses)")
+    _validated(rate, mask, learning_rate=learning_rate)
+    return _l1_proximal(rate, mask, learning_rate)
 
+
+def _l1_proximal(
+    rate: Rate, mask: Mask, learning_rate: ScalarOrSchedule
+) -> optax.GradientTransformation:
     def make_step(count: jax.Array) -> LeafStep:
         eta = _at(learning_rate, count)
 
         def step(u: jax.Array, w: jax.Array, r: Any, _: Any) -> jax.Array:
-            z = _f32(w) + _f32(u)
+            z = f32(w) + f32(u)
             shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - eta * r, 0.0)
-            return jnp.where(shrunk == z, u, (shrunk - _f32(w)).astype(u.dtype))  # exact where unmoved
+            # exactly u where nothing moved
+            return jnp.where(shrunk == z, u, (shrunk - f32(w)).astype(u.dtype))
 
         return step
 
     return _leafwise(rate, mask, make_step)
 
 
-def max_norm(max_value: float, axis: int | tuple[int, ...] = 0, mask: Any = None) -> optax.GradientTransformation:
+def max_norm(
+    max_value: float, mask: Mask = None, *, axis: int | tuple[int, ...] = 0
+) -> optax.GradientTransformation:
     """Projection like Keras ``MaxNorm``, last in a chain:
     ``w⁺ = w + u;  u ← w⁺·min(1, c/‖w⁺‖) − w``, norms over ``axis`` (``0`` for a
     Dense kernel ``(in, out)``: one norm per output unit)."""
-    check_rate(max_value, "max_value")
+    if isinstance(mask, int) or (mask and isinstance(mask, tuple) and isinstance(mask[0], int)):
+        _moved_to_keyword("max_norm", "axis")  # the 0.1 form max_norm(c, axis)
+        mask, axis = None, mask
+    _validated(1.0, mask, max_value=max_value)
 
     def make_step(count: jax.Array) -> LeafStep:
         def step(u: jax.Array, w: jax.Array, r: Any, _: Any) -> jax.Array:
-            z = _f32(w) + _f32(u)
+            z = f32(w) + f32(u)
             norm = jnp.sqrt(jnp.sum(z * z, axis=axis, keepdims=True))
-            return jnp.where(norm > max_value, (z * (max_value / norm) - _f32(w)).astype(u.dtype), u)
+            projected = (z * (max_value / norm) - f32(w)).astype(u.dtype)
+            return jnp.where(norm > max_value, projected, u)
 
         return step
 

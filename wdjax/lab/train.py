@@ -47,8 +47,13 @@ def init_state(
     and the optimizer state from the params."""
     init_key, run_key = jax.random.split(key)
     fresh, model_state = model.init(init_key)
-    params = fresh if params is None else jax.tree.map(jnp.array, params)  # a copy: state is donated
-    step, skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # distinct buffers: state is donated
+    params = (
+        fresh if params is None else jax.tree.map(jnp.array, params)
+    )  # a copy: state is donated
+    step, skipped = (
+        jnp.zeros([], jnp.int32),
+        jnp.zeros([], jnp.int32),
+    )  # distinct buffers: state is donated
     return TrainState(step, params, optimizer.init(params), model_state, run_key, skipped)
 
 
@@ -64,14 +69,18 @@ def _hyperparam(opt_state: Any, name: str) -> jax.Array:
 
 
 def _sq_norm(leaves: Sequence[jax.Array]) -> jax.Array:
-    return sum((jnp.sum(jnp.square(w.astype(jnp.float32))) for w in leaves), jnp.zeros([], jnp.float32))
+    return sum(
+        (jnp.sum(jnp.square(w.astype(jnp.float32))) for w in leaves), jnp.zeros([], jnp.float32)
+    )
 
 
 def weight_metrics(params: Any, decayed: Sequence[bool]) -> Metrics:
     """Global and per-group (decayed / not decayed) weight norms, fraction of exact zeros."""
     floats = [(w, d) for w, d in zip(jax.tree.leaves(params), decayed) if masks.is_float(w)]
     size = sum(w.size for w, _ in floats)
-    zeros = sum((jnp.sum((w == 0).astype(jnp.float32)) for w, _ in floats), jnp.zeros([], jnp.float32))
+    zeros = sum(
+        (jnp.sum((w == 0).astype(jnp.float32)) for w, _ in floats), jnp.zeros([], jnp.float32)
+    )
     on = _sq_norm([w for w, d in floats if d])
     off = _sq_norm([w for w, d in floats if not d])
     return {
@@ -125,7 +134,12 @@ def make_train_step(
             ok, apply, skip, (state.params, state.opt_state, grads, model_state, state.model_state)
         )
         new_state = TrainState(
-            state.step + 1, params, opt_state, model_state, state.rng, state.skipped + (~ok).astype(jnp.int32)
+            state.step + 1,
+            params,
+            opt_state,
+            model_state,
+            state.rng,
+            state.skipped + (~ok).astype(jnp.int32),
         )
         metrics = {
             "loss": aux.pop("data_loss"),
@@ -178,11 +192,15 @@ def run_steps(
     return jax.lax.scan(body, state, idx, unroll=unroll)
 
 
-def evaluate(model: Any, params: Any, model_state: Any, x: Any, y: Any, batch_size: int = 2048) -> dict[str, float]:
+def evaluate(
+    model: Any, params: Any, model_state: Any, x: Any, y: Any, batch_size: int = 2048
+) -> dict[str, float]:
     """Mean cross-entropy loss and accuracy over ``(x, y)`` in eval mode."""
     total_loss, correct = 0.0, 0
     for s in range(0, len(x), batch_size):
-        loss_sum, hits = _eval_batch(model, params, model_state, x[s : s + batch_size], y[s : s + batch_size])
+        loss_sum, hits = _eval_batch(
+            model, params, model_state, x[s : s + batch_size], y[s : s + batch_size]
+        )
         total_loss, correct = total_loss + loss_sum, correct + hits
     total_loss, correct = jax.device_get((total_loss, correct))
     return {"loss": float(total_loss) / len(x), "accuracy": float(correct) / len(x)}
@@ -262,12 +280,16 @@ def fit(
     pending: list[Metrics] = []
     done = int(state.step)
     for length in chunks(done, total, steps_per_epoch, checkpoints and checkpoints.every):
-        for n in [1] * length if one_by_one else [length]:  # async dispatch either way: no host sync
+        for n in (
+            [1] * length if one_by_one else [length]
+        ):  # async dispatch either way: no host sync
             state, metrics = run(step, state, x, y, batch_size, n, None, one_by_one)
             pending.append(metrics)
         done += length
         if done % steps_per_epoch == 0:
-            per_step = {k: np.concatenate([np.asarray(m[k]) for m in pending]).tolist() for k in pending[0]}
+            per_step = {
+                k: np.concatenate([np.asarray(m[k]) for m in pending]).tolist() for k in pending[0]
+            }
             pending = []
             record = epoch_record(model, state, data, per_step, done // steps_per_epoch)
             history.append(record)
@@ -276,7 +298,11 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", val_acc=f"{record['val_accuracy']:.3f}")
             if patience is not None and record["val_loss"] < best[0]:
-                best = (record["val_loss"], jax.tree.map(jnp.copy, state), len(history))  # state is donated next
+                best = (
+                    record["val_loss"],
+                    jax.tree.map(jnp.copy, state),
+                    len(history),
+                )  # state is donated next
         if checkpoints is not None and (done % checkpoints.every == 0 or done == total):
             checkpoints.save(state, history)
         if patience is not None and len(history) - best[2] >= patience:
@@ -287,15 +313,32 @@ def fit(
 
 
 # Epoch records hold the mean over the epoch's steps, except these: their last value.
-_LAST = ("learning_rate", "weight_decay", "skipped", "weight_norm", "weight_norm_decayed", "weight_norm_other", "zero_fraction")
+_LAST = (
+    "learning_rate",
+    "weight_decay",
+    "skipped",
+    "weight_norm",
+    "weight_norm_decayed",
+    "weight_norm_other",
+    "zero_fraction",
+)
 
 
-def epoch_record(model: Any, state: TrainState, data: Any, per_step: dict, epoch: int) -> dict[str, float]:
+def epoch_record(
+    model: Any, state: TrainState, data: Any, per_step: dict, epoch: int
+) -> dict[str, float]:
     """One epoch's history record: step-metric means (last values for :data:`_LAST`) and validation."""
     val = evaluate(model, state.params, state.model_state, data.x_val, data.y_val)
     means = {k: float(np.mean(v)) for k, v in per_step.items()}
     last = {k: float(per_step[k][-1]) for k in _LAST}
-    return {"epoch": epoch, "step": int(state.step), **means, **last, "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    return {
+        "epoch": epoch,
+        "step": int(state.step),
+        **means,
+        **last,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+    }
 
 
 def progress_bar(enabled: bool, total: int, initial: int) -> Any:

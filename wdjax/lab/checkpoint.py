@@ -13,7 +13,9 @@ def _ocp() -> Any:
     try:
         import orbax.checkpoint as ocp
     except ImportError:
-        raise ImportError("checkpoints need orbax-checkpoint: pip install 'wdjax[checkpoint]'") from None
+        raise ImportError(
+            "checkpoints need orbax-checkpoint: pip install 'wdjax[checkpoint]'"
+        ) from None
     return ocp
 
 
@@ -42,7 +44,9 @@ class Checkpointer:
             return
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+            ),
         )
         self._manager.wait_until_finished()
 
@@ -55,7 +59,9 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = self._manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
+            ),
         )
         return type(like)(*out["state"]), list(out["history"])
 

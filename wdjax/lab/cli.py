@@ -15,12 +15,18 @@ from typing import Any, NoReturn
 import jax
 import optax
 
-from wdjax import checkpoint, data, masks, models, optimizers, train
+from wdjax import masks, optimizers
+from wdjax.lab import checkpoint, data, models, train
 from wdjax.penalties import l1 as l1_penalty
 from wdjax.penalties import l2 as l2_penalty
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
-INPUT_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "xor": (2,)}
+INPUT_SHAPES = {
+    "digits": (8, 8, 1),
+    "mnist": (28, 28, 1),
+    "fashion_mnist": (28, 28, 1),
+    "xor": (2,),
+}
 
 
 class UsageError(Exception):
@@ -63,7 +69,9 @@ def _list_of(kind: type) -> Any:
         try:
             return [item(t) for t in text.split(",") if t.strip()] or _empty(text)
         except (ValueError, argparse.ArgumentTypeError) as e:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s: {e}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__}s: {e}"
+            ) from None
 
     return parse
 
@@ -84,8 +92,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=data.DATASETS, default="digits")
-    p.add_argument("--data-dir", help="directory with MNIST / Fashion-MNIST files (default: $WDJAX_DATA)")
-    p.add_argument("--download", action="store_true", help="download the dataset (checksums verified)")
+    p.add_argument(
+        "--data-dir", help="directory with MNIST / Fashion-MNIST files (default: $WDJAX_DATA)"
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download the dataset (checksums verified)"
+    )
 
 
 def _optim_options(p: argparse.ArgumentParser, single: bool = True) -> None:
@@ -95,7 +107,9 @@ def _optim_options(p: argparse.ArgumentParser, single: bool = True) -> None:
         p.add_argument("--weight-decay", type=_positive(float), default=1e-4)
         p.add_argument("--l1", type=_positive(float), default=None, help="proximal L1 rate")
     p.add_argument("--momentum", type=_positive(float), default=0.9, help="for sgdw / sgd_l2")
-    p.add_argument("--mask", nargs="+", default=["default"], help="default | all | none | glob patterns")
+    p.add_argument(
+        "--mask", nargs="+", default=["default"], help="default | all | none | glob patterns"
+    )
     p.add_argument("--epochs", type=_positive(int), default=30)
     p.add_argument("--batch-size", type=_positive(int), default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -112,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=SCHEDULES, default="constant")
     t.add_argument("--warmup-epochs", type=_positive(int), default=1)
     t.add_argument("--clip-norm", type=_positive(float), default=None)
-    t.add_argument("--patience", type=_positive(int), default=None, help="early stopping on val loss")
+    t.add_argument(
+        "--patience", type=_positive(int), default=None, help="early stopping on val loss"
+    )
     t.add_argument("--out", default="runs/train", help="output directory")
     t.add_argument("--checkpoint-every", type=_positive(int), default=None, help="steps")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=cmd_train)
 
@@ -123,28 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(s)
     _data_options(s)
     _optim_options(s, single=False)
-    s.add_argument("--weight-decay", type=_floats, default=[0.0, 1e-5, 1e-4, 1e-3, 1e-2], help="comma-separated")
+    s.add_argument(
+        "--weight-decay",
+        type=_floats,
+        default=[0.0, 1e-5, 1e-4, 1e-3, 1e-2],
+        help="comma-separated",
+    )
     s.add_argument("--lr", type=_floats, default=[1e-3], help="comma-separated")
     s.add_argument("--l1", type=_floats, default=None, help="comma-separated proximal L1 rates")
     s.add_argument("--seeds", type=_ints, default=[0], help="comma-separated")
     s.add_argument("--folds", type=_positive(int), default=None, help="k-fold cross-validation")
     s.add_argument("--select", choices=("best", "one_se"), default="best")
     s.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
-    s.add_argument("--chunk-size", type=_positive(int), default=None, help="members per compiled chunk")
+    s.add_argument(
+        "--chunk-size", type=_positive(int), default=None, help="members per compiled chunk"
+    )
     s.add_argument("--out", default="runs/sweep", help="output directory")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(run=cmd_sweep, epochs=15)
 
     m = sub.add_parser("masks", help="print which parameters a mask decays")
     _model_options(m)
-    m.add_argument("--dataset", choices=data.DATASETS, default="digits", help="sets the input shape")
+    m.add_argument(
+        "--dataset", choices=data.DATASETS, default="digits", help="sets the input shape"
+    )
     m.add_argument("--mask", nargs="+", default=["default"])
     m.set_defaults(run=cmd_masks)
     return parser
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from wdjax.sweeps import sweep
+    from wdjax.lab.sweeps import sweep
 
     ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
     model = _model(args, ds.input_shape, ds.num_classes)
@@ -152,10 +179,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.optimizer in ("sgdw", "sgd_l2"):
         config["momentum"] = args.momentum
     result = sweep(
-        ds, model=model, optimizer=args.optimizer, optimizer_config=config,
-        weight_decay=args.weight_decay, learning_rate=args.lr, l1=args.l1, seeds=args.seeds,
-        folds=args.folds, fold_seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
-        select=args.select, metric=args.metric, chunk_size=args.chunk_size, progress=not args.no_progress,
+        ds,
+        model=model,
+        optimizer=args.optimizer,
+        optimizer_config=config,
+        weight_decay=args.weight_decay,
+        learning_rate=args.lr,
+        l1=args.l1,
+        seeds=args.seeds,
+        folds=args.folds,
+        fold_seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        select=args.select,
+        metric=args.metric,
+        chunk_size=args.chunk_size,
+        progress=not args.no_progress,
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,13 +205,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(args: argparse.Namespace, input_shape: tuple[int, ...], num_classes: int) -> models.Model:
+def _model(
+    args: argparse.Namespace, input_shape: tuple[int, ...], num_classes: int
+) -> models.Model:
     config: dict[str, Any] = {"dropout": args.dropout, "batch_norm": args.batch_norm}
     if args.model == "mlp":
         try:
             config["widths"] = tuple(int(w) for w in args.widths.split(","))
         except ValueError:
-            raise UsageError(f"--widths takes comma-separated integers, got {args.widths!r}") from None
+            raise UsageError(
+                f"--widths takes comma-separated integers, got {args.widths!r}"
+            ) from None
     return models.create(args.model, input_shape=input_shape, num_classes=num_classes, **config)
 
 
@@ -188,7 +231,9 @@ def _schedule(args: argparse.Namespace, steps_per_epoch: int) -> Any:
     return optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, total)
 
 
-def _optimizer(args: argparse.Namespace, mask: Any, learning_rate: Any) -> optax.GradientTransformation:
+def _optimizer(
+    args: argparse.Namespace, mask: Any, learning_rate: Any
+) -> optax.GradientTransformation:
     kwargs: dict[str, Any] = {"mask": mask, "l1": args.l1}
     if args.optimizer in ("sgdw", "sgd_l2"):
         kwargs["momentum"] = args.momentum
@@ -199,7 +244,9 @@ def _optimizer(args: argparse.Namespace, mask: Any, learning_rate: Any) -> optax
 def cmd_masks(args: argparse.Namespace) -> int:
     model = _model(args, INPUT_SHAPES[args.dataset], 10)
     params, _ = model.init(jax.random.PRNGKey(0))
-    print(f"{args.model} on {args.dataset} {INPUT_SHAPES[args.dataset]}, mask: {' '.join(args.mask)}")
+    print(
+        f"{args.model} on {args.dataset} {INPUT_SHAPES[args.dataset]}, mask: {' '.join(args.mask)}"
+    )
     masks.describe(params, parse_mask(args.mask))
     return 0
 
@@ -208,7 +255,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
-        raise UsageError(f"{ckpt_dir} already holds checkpoints: pass --resume, or choose another --out")
+        raise UsageError(
+            f"{ckpt_dir} already holds checkpoints: pass --resume, or choose another --out"
+        )
     if args.resume and not args.checkpoint_every:
         raise UsageError("--resume needs --checkpoint-every (the interval the run was saved with)")
     ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
@@ -223,11 +272,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     table = masks.describe(params, mask, file=None)  # validates the mask before training
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(ckpt_dir, args.checkpoint_every) if args.checkpoint_every else None
-    print(f"{ds.summary()}; {args.model} with {table.total:,} parameters, {table.decayed:,} decayed")
+    ckpt = (
+        checkpoint.Checkpointer(ckpt_dir, args.checkpoint_every) if args.checkpoint_every else None
+    )
+    print(
+        f"{ds.summary()}; {args.model} with {table.total:,} parameters, {table.decayed:,} decayed"
+    )
     result = train.fit(
-        model, opt, ds, epochs=args.epochs, batch_size=batch_size, seed=args.seed, mask=mask,
-        patience=args.patience, checkpoints=ckpt, progress=not args.no_progress,
+        model,
+        opt,
+        ds,
+        epochs=args.epochs,
+        batch_size=batch_size,
+        seed=args.seed,
+        mask=mask,
+        patience=args.patience,
+        checkpoints=ckpt,
+        progress=not args.no_progress,
     )
     if ckpt is not None:
         ckpt.close()

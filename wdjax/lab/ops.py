@@ -39,7 +39,11 @@ def _conv2d_bwd(padding, res, dy):
     (x, w), ((top, bottom), (left, right)) = res, padding
     kh, kw = w.shape[:2]
     # ∂x: dy correlated with the flipped kernel, input/output channels swapped.
-    dx = _conv(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)))
+    dx = _conv(
+        dy,
+        jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2),
+        ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
+    )
     # ∂w[i, j, c, o] = Σ_{n,h,w} x_pad[n, h+i, w+j, c]·dy[n, h, w, o]: the batch is the contracted dim.
     dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding).transpose(1, 2, 0, 3)
     return dx, dw
@@ -75,4 +79,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     ``reduce_window`` gives it to one element; after a ReLU such ties are zeros, whose
     gradient is zero either way."""
     x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
-    return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]), jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+    return jnp.maximum(
+        jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
+        jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]),
+    )

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from wdjax import ops
+from wdjax.lab import ops
 
 Params = dict[str, Any]
 ModelState = dict[str, Any]
@@ -99,7 +99,18 @@ class _CNN(nnx.Module):
         self.depth = len(channels)
         self.batch_norm = batch_norm
         for i, out in enumerate(channels, start=1):
-            setattr(self, f"conv{i}", nnx.Conv(features, out, (3, 3), padding="SAME", conv_general_dilated=ops.conv_general_dilated, rngs=rngs))
+            setattr(
+                self,
+                f"conv{i}",
+                nnx.Conv(
+                    features,
+                    out,
+                    (3, 3),
+                    padding="SAME",
+                    conv_general_dilated=ops.conv_general_dilated,
+                    rngs=rngs,
+                ),
+            )
             if batch_norm:
                 setattr(self, f"norm{i}", nnx.BatchNorm(out, rngs=rngs))
             features, height, width = out, height // 2, width // 2

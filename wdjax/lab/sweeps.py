@@ -49,10 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wdjax import data as data_lib
-from wdjax import models, optimizers
-from wdjax._checks import check_rate
-from wdjax.train import (
+from wdjax import optimizers
+from wdjax.groups import check_rate
+from wdjax.lab import data as data_lib
+from wdjax.lab import models
+from wdjax.lab.train import (
     Metrics,
     TrainState,
     chunks,

@@ -1,0 +1,48 @@
+"""The vocabulary of wdjax: the types every module annotates with, and dtype helpers.
+
+================  =====================================================================
+name              what it is
+================  =====================================================================
+``Params``        a pytree of arrays (a linen dict, an ``nnx.State``, an Equinox module)
+``Scalar``        a float, or a 0-d (possibly traced) array
+``Schedule``      ``step -> value``, as in Optax
+``ScalarOrSchedule``  either of the two
+``Rate``          a scalar or schedule, a pytree of per-leaf rates, or a
+                  :class:`wdjax.rates.RateMap`
+``Mask``          ``None``, a :class:`wdjax.masks.Selector`, glob string(s), a bool pytree
+                  (or a prefix of one), or ``params -> bool pytree``
+``Coupling``      what multiplies λ in decoupled decay: ``"lr" | "schedule" | "corrected"
+                  | "constant"``
+================  =====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Params: TypeAlias = chex.ArrayTree
+Updates: TypeAlias = chex.ArrayTree
+Scalar: TypeAlias = chex.Numeric
+Schedule: TypeAlias = Callable[[chex.Numeric], chex.Numeric]
+ScalarOrSchedule: TypeAlias = "float | jax.Array | Schedule"
+Rate: TypeAlias = Any  # ScalarOrSchedule | per-leaf pytree | wdjax.rates.RateMap
+Mask: TypeAlias = Any  # None | Selector | str | Sequence[str] | bool pytree | callable
+Predicate: TypeAlias = Callable[[str, Any], bool]
+Coupling: TypeAlias = Literal["lr", "schedule", "corrected", "constant"]
+COUPLINGS: tuple[str, ...] = ("lr", "schedule", "corrected", "constant")
+
+
+def is_float(leaf: Any) -> bool:
+    """True for floating-point arrays: the only leaves that are ever regularized."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def f32(x: jax.Array) -> jax.Array:
+    """``x`` in at least float32 (bfloat16/float16 are promoted, float64 is kept)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
