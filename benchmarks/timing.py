@@ -4,7 +4,6 @@ slow drift and bursts of load from other processes hit all of them alike."""
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,14 +32,12 @@ def interleaved(
     rounds: int,
     number: int = 1,
     warmup: int = 2,
-    time_budget_s: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time each contender ``rounds`` times, ``number`` calls per sample, interleaved.
 
     Each ``fn()`` must do one unit of work *and wait for it* (``block_until_ready``).
     Every contender is called ``warmup`` times first (compilation, caches). The order
     within a round rotates, so no contender always runs right after another one.
-    ``time_budget_s`` stops early (after at least 3 rounds) once exceeded.
     Returns ``{name: summarize(per-call seconds)}``."""
     names = list(contenders)
     for name in names:
@@ -49,7 +46,6 @@ def interleaved(
     samples: dict[str, list[float]] = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
     gc.disable()
-    start = time.perf_counter()
     try:
         for r in range(rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
@@ -59,8 +55,6 @@ def interleaved(
                 for _ in range(number):
                     fn()
                 samples[name].append((time.perf_counter() - t0) / number)
-            if time_budget_s is not None and r >= 2 and time.perf_counter() - start > time_budget_s:
-                break
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -74,12 +68,6 @@ def ratio(
     return float(results[num][key] / results[den][key])
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``(fn(), seconds)``."""
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
+def log(label: str, items: Mapping[str, Any], fmt: Callable[[Any], str]) -> None:
+    """Print ``  label: name fmt(value), ...`` (progress on the console)."""
+    print(f"  {label}: " + ", ".join(f"{k} {fmt(v)}" for k, v in items.items()), flush=True)

@@ -71,6 +71,12 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def arrays(self, split: str) -> dict[str, np.ndarray]:
+        """``{"x", "y"}`` of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        return {"x": getattr(self, f"x_{split}"), "y": getattr(self, f"y_{split}")}
+
     def summary(self) -> str:
         return (
             f"{self.name}: train {len(self.y_train)}, val {len(self.y_val)}, "

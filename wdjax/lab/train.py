@@ -14,7 +14,6 @@ resuming from a checkpoint reproduces an uninterrupted run exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -24,16 +23,34 @@ import numpy as np
 import optax
 
 from wdjax import masks
+from wdjax.lab import tasks
+from wdjax.lab.report import progress_bar
+from wdjax.lab.tasks import Batch, Metrics, Task, as_task
 from wdjax.penalties import Penalty, regularized
+from wdjax.types import Mask, Params, is_float
 
-Metrics = dict[str, jax.Array]
+__all__ = [
+    "FitResult",
+    "TrainState",
+    "chunks",
+    "epoch_batches",
+    "epoch_record",
+    "evaluate",
+    "fit",
+    "init_state",
+    "make_train_step",
+    "progress_bar",
+    "run_steps",
+    "splits",
+    "weight_metrics",
+]
 
 
 class TrainState(NamedTuple):
     """Everything a run carries; a pytree, so it jits, vmaps and checkpoints."""
 
     step: jax.Array
-    params: Any
+    params: Params
     opt_state: Any
     model_state: Any
     rng: jax.Array
@@ -41,27 +58,18 @@ class TrainState(NamedTuple):
 
 
 def init_state(
-    model: Any, optimizer: optax.GradientTransformation, key: jax.Array, params: Any = None
+    model: Any, optimizer: optax.GradientTransformation, key: jax.Array, params: Params = None
 ) -> TrainState:
     """Initialize params from ``key`` (or start from given ``params``, e.g. to fine-tune)
-    and the optimizer state from the params."""
+    and the optimizer state from the params. ``model``: a Task or a reference Model."""
     init_key, run_key = jax.random.split(key)
-    fresh, model_state = model.init(init_key)
-    params = (
-        fresh if params is None else jax.tree.map(jnp.array, params)
-    )  # a copy: state is donated
-    step, skipped = (
-        jnp.zeros([], jnp.int32),
-        jnp.zeros([], jnp.int32),
-    )  # distinct buffers: state is donated
+    fresh, model_state = as_task(model).init(init_key)
+    params = fresh if params is None else jax.tree.map(jnp.array, params)  # a copy: donated
+    step, skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # distinct buffers
     return TrainState(step, params, optimizer.init(params), model_state, run_key, skipped)
 
 
-def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-
-
-def _hyperparam(opt_state: Any, name: str) -> jax.Array:
+def hyperparam(opt_state: Any, name: str) -> jax.Array:
     """The current value of an injected hyperparameter (NaN if the optimizer has none)."""
     injected = jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
     values = [s.hyperparams[name] for s in injected if name in getattr(s, "hyperparams", {})]
@@ -69,18 +77,16 @@ def _hyperparam(opt_state: Any, name: str) -> jax.Array:
 
 
 def _sq_norm(leaves: Sequence[jax.Array]) -> jax.Array:
-    return sum(
-        (jnp.sum(jnp.square(w.astype(jnp.float32))) for w in leaves), jnp.zeros([], jnp.float32)
-    )
+    zero = jnp.zeros([], jnp.float32)
+    return sum((jnp.sum(jnp.square(w.astype(jnp.float32))) for w in leaves), zero)
 
 
-def weight_metrics(params: Any, decayed: Sequence[bool]) -> Metrics:
+def weight_metrics(params: Params, decayed: Sequence[bool]) -> Metrics:
     """Global and per-group (decayed / not decayed) weight norms, fraction of exact zeros."""
-    floats = [(w, d) for w, d in zip(jax.tree.leaves(params), decayed) if masks.is_float(w)]
+    floats = [(w, d) for w, d in zip(jax.tree.leaves(params), decayed) if is_float(w)]
     size = sum(w.size for w, _ in floats)
-    zeros = sum(
-        (jnp.sum((w == 0).astype(jnp.float32)) for w, _ in floats), jnp.zeros([], jnp.float32)
-    )
+    zero = jnp.zeros([], jnp.float32)
+    zeros = sum((jnp.sum((w == 0).astype(jnp.float32)) for w, _ in floats), zero)
     on = _sq_norm([w for w, d in floats if d])
     off = _sq_norm([w for w, d in floats if not d])
     return {
@@ -92,25 +98,27 @@ def weight_metrics(params: Any, decayed: Sequence[bool]) -> Metrics:
 
 
 def make_train_step(
-    model: Any,
+    model: Task | Any,
     optimizer: optax.GradientTransformation,
     *,
     penalties: Sequence[Penalty] = (),
-    mask: Any = masks.DEFAULT,
-) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
-    """A pure ``step(state, {"x", "y"}) -> (state, metrics)`` (not jitted: jit it,
-    scan it or vmap it; :func:`fit` does all three as needed).
+    mask: Mask = masks.DEFAULT,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """A pure ``step(state, batch) -> (state, metrics)`` (not jitted: jit it, scan it
+    or vmap it; :func:`fit` does all three as needed)::
 
-    Metrics: ``loss`` (data loss), ``accuracy``, each penalty by name, ``grad_norm``,
-    weight norms (global and for the ``mask``'s decayed / other groups),
-    ``zero_fraction``, ``learning_rate`` and ``weight_decay`` (NaN if the optimizer
-    does not expose them) and ``skipped``."""
+        (L, aux), g = value_and_grad(task loss + Σ penalties)(params)
+        u, opt_state = optimizer.update(g, opt_state, params);  params ← params + u
 
-    def data_loss(params, model_state, x, y, rng):
-        logits, new_model_state = model.apply(params, model_state, x, train=True, rng=rng)
-        return _cross_entropy(logits, y), (logits, new_model_state)
+    Steps whose loss or gradients are not finite are skipped and counted, never
+    applied. ``model``: a :class:`~wdjax.lab.tasks.Task` or a reference Model.
 
-    objective = regularized(data_loss, *penalties, has_aux=True)
+    Metrics: ``loss`` (data loss), the task's metrics (``accuracy``), each penalty by
+    name, ``grad_norm``, weight norms (global and for the ``mask``'s decayed / other
+    groups), ``zero_fraction``, ``learning_rate`` and ``weight_decay`` (NaN if the
+    optimizer does not inject them) and ``skipped``."""
+    task = as_task(model)
+    objective = regularized(task.loss, *penalties, has_aux=True)
 
     def apply(operand: tuple) -> tuple:
         params, opt_state, grads, model_state, _ = operand
@@ -121,35 +129,29 @@ def make_train_step(
         params, opt_state, _, _, old_model_state = operand
         return params, opt_state, old_model_state
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(jax.random.split(state.rng)[1], state.step)
         (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, state.model_state, batch["x"], batch["y"], rng
+            state.params, state.model_state, batch, rng
         )
-        logits, model_state = aux.pop("aux")
+        model_state, task_metrics = aux.pop("aux")
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(total)
         # a cond, not a select over the new and old states: XLA then updates in place
         params, opt_state, model_state = jax.lax.cond(
             ok, apply, skip, (state.params, state.opt_state, grads, model_state, state.model_state)
         )
-        new_state = TrainState(
-            state.step + 1,
-            params,
-            opt_state,
-            model_state,
-            state.rng,
-            state.skipped + (~ok).astype(jnp.int32),
-        )
+        skipped = state.skipped + (~ok).astype(jnp.int32)
+        new_state = TrainState(state.step + 1, params, opt_state, model_state, state.rng, skipped)
         metrics = {
             "loss": aux.pop("data_loss"),
             **aux,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
+            **task_metrics,
             "grad_norm": grad_norm,
             **weight_metrics(new_state.params, masks.resolve(new_state.params, mask)),
-            "learning_rate": _hyperparam(state.opt_state, "learning_rate"),
-            "weight_decay": _hyperparam(state.opt_state, "weight_decay"),
-            "skipped": new_state.skipped,
+            "learning_rate": hyperparam(state.opt_state, "learning_rate"),
+            "weight_decay": hyperparam(state.opt_state, "weight_decay"),
+            "skipped": skipped,
         }
         return new_state, metrics
 
@@ -167,8 +169,7 @@ def epoch_batches(rng: jax.Array, epoch: jax.Array, n: int, batch_size: int) -> 
 def run_steps(
     step: Callable,
     state: TrainState,
-    x: jax.Array,
-    y: jax.Array,
+    data: Batch,
     batch_size: int,
     length: int,
     rows: jax.Array | None = None,
@@ -176,41 +177,52 @@ def run_steps(
 ) -> tuple[TrainState, Metrics]:
     """``length`` steps from ``state.step`` as one ``lax.scan``, all within one epoch.
 
+    ``data`` is a pytree of arrays with a leading example axis (``{"x", "y"}``).
     ``rows`` (optional) restricts training to those example indices (a fold), so
     vmapped members can train on different subsets of one copy of the data.
     ``unroll=True`` unrolls the scan (see :func:`fit` on convolutions on CPU)."""
-    n = x.shape[0] if rows is None else rows.shape[0]
+    n = jax.tree.leaves(data)[0].shape[0] if rows is None else rows.shape[0]
     steps_per_epoch = n // batch_size
     idx = epoch_batches(state.rng, state.step // steps_per_epoch, n, batch_size)
     idx = jax.lax.dynamic_slice_in_dim(idx, state.step % steps_per_epoch, length)
     if rows is not None:
         idx = rows[idx]
 
-    def body(state, i):
-        return step(state, {"x": x[i], "y": y[i]})
+    def body(state: TrainState, i: jax.Array) -> tuple[TrainState, Metrics]:
+        return step(state, jax.tree.map(lambda a: a[i], data))
 
     return jax.lax.scan(body, state, idx, unroll=unroll)
 
 
+_evaluate = jax.jit(tasks.evaluate, static_argnames=("task", "batch_size"))
+
+
 def evaluate(
-    model: Any, params: Any, model_state: Any, x: Any, y: Any, batch_size: int = 2048
+    model: Task | Any,
+    params: Params,
+    model_state: Any,
+    data: Batch,
+    y: Any = None,
+    batch_size: int = 2048,
 ) -> dict[str, float]:
-    """Mean cross-entropy loss and accuracy over ``(x, y)`` in eval mode."""
-    total_loss, correct = 0.0, 0
-    for s in range(0, len(x), batch_size):
-        loss_sum, hits = _eval_batch(
-            model, params, model_state, x[s : s + batch_size], y[s : s + batch_size]
-        )
-        total_loss, correct = total_loss + loss_sum, correct + hits
-    total_loss, correct = jax.device_get((total_loss, correct))
-    return {"loss": float(total_loss) / len(x), "accuracy": float(correct) / len(x)}
+    """Eval-mode means of the task's metrics over ``data`` (for a reference model,
+    ``{"loss", "accuracy"}``), as Python floats. ``evaluate(model, p, s, x, y)`` is
+    short for ``data={"x": x, "y": y}``."""
+    if y is not None:
+        data = {"x": data, "y": y}
+    data = jax.tree.map(jnp.asarray, data)
+    out = _evaluate(as_task(model), params, model_state, data, batch_size=batch_size)
+    return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_batch(model, params, model_state, x, y):
-    logits, _ = model.apply(params, model_state, x, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-    return jnp.sum(loss), jnp.sum(jnp.argmax(logits, -1) == y)
+def splits(data: Any) -> tuple[Batch, Batch]:
+    """``(train, val)`` pytrees of arrays from a :class:`wdjax.lab.data.Dataset` or a
+    ``(train, val)`` pair."""
+    if hasattr(data, "arrays"):
+        return data.arrays("train"), data.arrays("val")
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return tuple(jax.tree.map(jnp.asarray, d) for d in data)
+    raise TypeError(f"expected a wdjax.lab.data.Dataset or (train, val) arrays, got {data!r}")
 
 
 def chunks(start: int, total: int, steps_per_epoch: int, every: int | None) -> Iterator[int]:
@@ -227,13 +239,15 @@ def chunks(start: int, total: int, steps_per_epoch: int, every: int | None) -> I
 
 @dataclasses.dataclass
 class FitResult:
+    """What :func:`fit` returns."""
+
     state: TrainState  # final (or, with early stopping, best) state
     history: list[dict[str, float]]  # one record per epoch
     stopped_early: bool = False
 
 
 def fit(
-    model: Any,
+    model: Task | Any,
     optimizer: optax.GradientTransformation,
     data: Any,
     *,
@@ -241,20 +255,21 @@ def fit(
     batch_size: int = 128,
     seed: int = 0,
     penalties: Sequence[Penalty] = (),
-    mask: Any = masks.DEFAULT,
+    mask: Mask = masks.DEFAULT,
     patience: int | None = None,
     checkpoints: Any = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float], list[dict]], None] | None = None,
-    params: Any = None,
+    params: Params = None,
     scan: bool = True,
 ) -> FitResult:
-    """Train on ``data`` (a :class:`wdjax.data.Dataset`) for ``epochs``.
+    """Train ``model`` (a :class:`~wdjax.lab.tasks.Task` or a reference Model) on
+    ``data`` (a :class:`wdjax.lab.data.Dataset` or ``(train, val)`` arrays) for ``epochs``.
 
     Each epoch (or stretch up to a checkpoint) is one jit-compiled, buffer-donating
     ``lax.scan`` over device-resident data. ``patience``: stop when the validation
     loss has not improved for that many epochs and keep the best state.
-    ``checkpoints``: a :class:`wdjax.checkpoint.Checkpointer`; training resumes from
+    ``checkpoints``: a :class:`wdjax.lab.checkpoint.Checkpointer`; training resumes from
     its latest checkpoint, if any. ``on_epoch(record, step_metrics)`` sees each
     epoch's record and its per-step metrics (as host lists). ``params``: start from
     these instead of a fresh init (fine-tuning).
@@ -262,15 +277,17 @@ def fit(
     ``scan=False`` dispatches the steps one by one (asynchronously: still no host round
     trip per step) instead of one ``lax.scan`` per stretch: for models whose backward
     pass XLA:CPU runs slowly inside a loop, such as plain ``lax`` convolutions
-    (jax-ml/jax#12868; the reference CNN avoids this with :mod:`wdjax.ops`)."""
-    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    batch_size = min(batch_size, x.shape[0])
-    steps_per_epoch = x.shape[0] // batch_size
+    (jax-ml/jax#12868; the reference CNN avoids this with :mod:`wdjax.lab.ops`)."""
+    task = as_task(model)
+    train_data, val_data = splits(data)
+    n = jax.tree.leaves(train_data)[0].shape[0]
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size
     total = epochs * steps_per_epoch
-    step = make_train_step(model, optimizer, penalties=penalties, mask=mask)
-    run = jax.jit(run_steps, static_argnums=(0, 4, 5, 7), donate_argnums=1)
+    step = make_train_step(task, optimizer, penalties=penalties, mask=mask)
+    run = jax.jit(run_steps, static_argnums=(0, 3, 4, 6), donate_argnums=1)
 
-    state = init_state(model, optimizer, jax.random.PRNGKey(seed), params)
+    state = init_state(task, optimizer, jax.random.PRNGKey(seed), params)
     history: list[dict[str, float]] = []
     if checkpoints is not None:
         state, history = checkpoints.restore(state, history)
@@ -280,10 +297,8 @@ def fit(
     pending: list[Metrics] = []
     done = int(state.step)
     for length in chunks(done, total, steps_per_epoch, checkpoints and checkpoints.every):
-        for n in (
-            [1] * length if one_by_one else [length]
-        ):  # async dispatch either way: no host sync
-            state, metrics = run(step, state, x, y, batch_size, n, None, one_by_one)
+        for k in [1] * length if one_by_one else [length]:  # async dispatch: no host sync
+            state, metrics = run(step, state, train_data, batch_size, k, None, one_by_one)
             pending.append(metrics)
         done += length
         if done % steps_per_epoch == 0:
@@ -291,18 +306,14 @@ def fit(
                 k: np.concatenate([np.asarray(m[k]) for m in pending]).tolist() for k in pending[0]
             }
             pending = []
-            record = epoch_record(model, state, data, per_step, done // steps_per_epoch)
+            record = epoch_record(task, state, val_data, per_step, done // steps_per_epoch)
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record, per_step)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", val_acc=f"{record['val_accuracy']:.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", val_loss=f"{record['val_loss']:.4f}")
             if patience is not None and record["val_loss"] < best[0]:
-                best = (
-                    record["val_loss"],
-                    jax.tree.map(jnp.copy, state),
-                    len(history),
-                )  # state is donated next
+                best = (record["val_loss"], jax.tree.map(jnp.copy, state), len(history))
         if checkpoints is not None and (done % checkpoints.every == 0 or done == total):
             checkpoints.save(state, history)
         if patience is not None and len(history) - best[2] >= patience:
@@ -313,7 +324,7 @@ def fit(
 
 
 # Epoch records hold the mean over the epoch's steps, except these: their last value.
-_LAST = (
+LAST = (
     "learning_rate",
     "weight_decay",
     "skipped",
@@ -325,34 +336,18 @@ _LAST = (
 
 
 def epoch_record(
-    model: Any, state: TrainState, data: Any, per_step: dict, epoch: int
+    model: Task | Any, state: TrainState, val: Any, per_step: dict, epoch: int
 ) -> dict[str, float]:
-    """One epoch's history record: step-metric means (last values for :data:`_LAST`) and validation."""
-    val = evaluate(model, state.params, state.model_state, data.x_val, data.y_val)
+    """One epoch's history record: step-metric means (last values for :data:`LAST`) and
+    the validation metrics as ``val_<name>``. ``val``: arrays, or a Dataset (its val split)."""
+    val = val.arrays("val") if hasattr(val, "arrays") else val
+    scores = evaluate(model, state.params, state.model_state, val)
     means = {k: float(np.mean(v)) for k, v in per_step.items()}
-    last = {k: float(per_step[k][-1]) for k in _LAST}
+    last = {k: float(per_step[k][-1]) for k in LAST if k in per_step}
     return {
         "epoch": epoch,
         "step": int(state.step),
         **means,
         **last,
-        "val_loss": val["loss"],
-        "val_accuracy": val["accuracy"],
+        **{f"val_{k}": v for k, v in scores.items()},
     }
-
-
-def progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    """A tqdm bar over epochs, or a silent stand-in when disabled or tqdm is missing."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are an optional extra
-        enabled = False
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit="epoch", dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
