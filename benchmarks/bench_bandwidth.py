@@ -17,8 +17,10 @@ import numpy as np
 import optax
 
 import wdjax
-from benchmarks.timing import interleaved
+from benchmarks.report import num, ratios, timing_table, yes
+from benchmarks.timing import interleaved, log
 
+TITLE = "3. Optimizer update bandwidth"
 TARGET = 0.8
 BYTES_PER_PARAM = 28
 COLS = 1024
@@ -115,11 +117,44 @@ def run(cfg: Any) -> dict[str, Any]:
         }
         entry["met"] = entry["ratios"]["wdjax_adamw/copy"] >= TARGET
         out["sizes"][str(n_target)] = entry
-        print(
-            f"  bandwidth {n:,} params: "
-            + ", ".join(f"{k} {v['GB_per_s']:.2f} GB/s" for k, v in res.items()),
-            flush=True,
-        )
+        log(f"bandwidth {n:,} params, GB/s", res, lambda v: num(v["GB_per_s"], ".2f"))
         del contenders, grads
         gc.collect()
     return out
+
+
+def summary(s: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            f"3. update bandwidth, {e['params']:,} params: wdjax AdamW / in-place copy",
+            f"{num(e['ratios']['wdjax_adamw/copy'])} "
+            f"({num(e['contenders']['wdjax_adamw']['GB_per_s'], '.1f')} vs "
+            f"{num(e['contenders']['copy']['GB_per_s'], '.1f')} GB/s)",
+            f"≥ {TARGET}",
+            yes(e["met"]),
+        ]
+        for e in s["sizes"].values()
+    ]
+
+
+EXTRA = {
+    "MB moved": lambda r: num(r["bytes"] / 1e6, ".0f"),
+    "GB/s (median)": lambda r: num(r["GB_per_s"], ".2f"),
+    "GB/s (best)": lambda r: num(r["GB_per_s_best"], ".2f"),
+}
+
+
+def render(s: dict[str, Any]) -> str:
+    out = [f"## {TITLE}", s["what"], f"Target: {s['target']}."]
+    for e in s["sizes"].values():
+        out += [
+            f"### {e['params']:,} parameters",
+            timing_table(e["contenders"], extra=EXTRA),
+            f"Ratios: {ratios(e['ratios'])}.",
+        ]
+        if not e["met"]:
+            out.append(
+                f"**Open:** {num(e['ratios']['wdjax_adamw/copy'])} × an in-place copy (target "
+                f"≥ {TARGET}; optax.adamw: {num(e['ratios']['optax_adamw/copy'])})."
+            )
+    return "\n\n".join(out)

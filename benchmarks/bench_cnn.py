@@ -1,7 +1,7 @@
 """Where the CNN's time goes on XLA:CPU: its pieces timed alone in JAX and PyTorch, and the
 backward passes inside ``lax.scan`` (how ``fit`` trains), with JAX's autodiff of the plain
 ``lax`` ops (what ``wdjax.ops`` replaces) as the contrast. The earlier investigation (conv
-layouts, im2col, matmul precision, XLA_FLAGS) is kept as prose and numbers in RESULTS.md."""
+layouts, im2col, matmul precision, XLA_FLAGS) is in HISTORY.md."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.timing import interleaved
-from wdjax import ops, train
+from benchmarks.report import code, get, ms, num, table, timing_cells, timing_head
+from benchmarks.timing import interleaved, log
+from wdjax.lab import ops, train
+
+TITLE = "6. The CNN on XLA:CPU: where its time goes"
+POOL = "maxpool 2x2 forward+backward (28x28x32)"
+CONV2 = "conv2 backward dx+dW"
 
 SAME = ((1, 1), (1, 1))
 CANONICAL = "b01f_01io->b01f"  # the only conv form XLA:CPU runs with its fast Eigen kernel
@@ -83,11 +88,11 @@ def components(cfg: Any) -> dict[str, Any]:
             "wdjax_ops": _jax(_loss_grad(ops_conv, 1), x1, w1),
         },
         "conv2 forward (32->64, 14x14)": {"jax": _jax(lax_conv, x2, w2)},
-        "conv2 backward dx+dW": {
+        CONV2: {
             "lax_autodiff": _jax(_loss_grad(lax_conv, (0, 1)), x2, w2),
             "wdjax_ops": _jax(_loss_grad(ops_conv, (0, 1)), x2, w2),
         },
-        "maxpool 2x2 forward+backward (28x28x32)": {
+        POOL: {
             "reduce_window": _jax(jax.grad(lambda v: jnp.sum(reduce_window_pool(v) ** 2)), a1),
             "wdjax_ops": _jax(jax.grad(lambda v: jnp.sum(ops.max_pool_2x2(v) ** 2)), a1),
         },
@@ -120,19 +125,15 @@ def components(cfg: Any) -> dict[str, Any]:
 
         pieces["conv1 backward dW (1->32, 28x28)"]["torch"] = bwd(tx1, tw1)
         pieces["conv2 forward (32->64, 14x14)"]["torch"] = fwd(tx2, tw2)
-        pieces["conv2 backward dx+dW"]["torch"] = bwd(tx2, tw2)
-        pieces["maxpool 2x2 forward+backward (28x28x32)"]["torch"] = pool
+        pieces[CONV2]["torch"] = bwd(tx2, tw2)
+        pieces[POOL]["torch"] = pool
     if cfg.quick:
-        pieces = {k: v for k, v in pieces.items() if k.startswith("maxpool")}
+        pieces = {POOL: pieces[POOL]}
     out = {}
     for piece, contenders in pieces.items():
         res = interleaved(contenders, rounds=cfg.cnn_rounds, number=cfg.cnn_number)
         out[piece] = res
-        print(
-            f"  cnn {piece}: "
-            + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in res.items()),
-            flush=True,
-        )
+        log(f"cnn {piece}, ms", res, lambda v: ms(v["median_s"]))
     return out
 
 
@@ -160,13 +161,7 @@ def in_scan(cfg: Any) -> dict[str, Any]:
         out[piece] = {
             k: {**_per_iteration(v, length), "scan_length": length} for k, v in res.items()
         }
-        print(
-            f"  cnn {piece}: "
-            + ", ".join(
-                f"{k} {v['median_s'] * 1e3:.1f} ms/iteration" for k, v in out[piece].items()
-            ),
-            flush=True,
-        )
+        log(f"cnn {piece}, ms per iteration", out[piece], lambda v: ms(v["median_s"]))
     return out
 
 
@@ -189,8 +184,8 @@ def scan_convs(cfg: Any) -> dict[str, Any]:
         "wdjax CNN train step (jit)": jax.jit(step).lower(
             state, {"x": data["x"][:B], "y": data["y"][:B]}
         ),
-        "wdjax CNN run_steps (lax.scan)": jax.jit(train.run_steps, static_argnums=(0, 4, 5)).lower(
-            step, state, data["x"], data["y"], B, L
+        "wdjax CNN run_steps (lax.scan)": jax.jit(train.run_steps, static_argnums=(0, 3, 4)).lower(
+            step, state, data, B, L
         ),
         "lax autodiff conv2 backward (jit)": jax.jit(_loss_grad(lax_conv, (0, 1))).lower(
             a["x2"], a["w2"]
@@ -203,7 +198,7 @@ def scan_convs(cfg: Any) -> dict[str, Any]:
         ),
     }
     out = {k: _conv_forms(v.compile().as_text()) for k, v in texts.items()}
-    print(f"  cnn non-canonical convs: {out}", flush=True)
+    log("cnn non-canonical convolutions", out, lambda v: f"{v['non_canonical']}/{v['convolutions']}")
     return out
 
 
@@ -226,9 +221,10 @@ def check_ops(cfg: Any) -> dict[str, float]:
 
 def run(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "what": f"pieces of the CNN step (batch {cfg.batch_size}) in a plain jit, JAX vs PyTorch; the conv "
-        f"backward passes inside lax.scan ({cfg.cnn_scan_length} iterations, ms per iteration). lax_autodiff / "
-        "reduce_window: JAX's autodiff of the plain lax ops (what nnx.Conv and nnx.max_pool do by default); "
+        "what": f"pieces of the CNN step (batch {cfg.batch_size}) in a plain jit, JAX vs "
+        "PyTorch; the conv backward passes inside lax.scan "
+        f"({cfg.cnn_scan_length} iterations, ms per iteration). lax_autodiff / reduce_window: "
+        "JAX's autodiff of the plain lax ops (what nnx.Conv and nnx.max_pool do by default); "
         "wdjax_ops: wdjax.ops.conv2d / max_pool_2x2, which the wdjax CNN uses",
         "components": components(cfg),
         "in_scan": in_scan(cfg),
@@ -237,3 +233,85 @@ def run(cfg: Any) -> dict[str, Any]:
         out["scan_convs"] = scan_convs(cfg)
         out["ops_max_abs_diff"] = check_ops(cfg)
     return out
+
+
+def summary(s: dict[str, Any]) -> list[list[str]]:
+    return []  # no target: this section explains section 2's CNN numbers
+
+
+def _pieces_table(res: dict[str, dict[str, Any]], base: str, fmt: str) -> str:
+    """One row per (piece, implementation): timings and the median over ``base``'s."""
+    rows = []
+    for piece, contenders in res.items():
+        b = get(contenders, base, "median_s")
+        rows += [
+            [piece, code(k), *timing_cells(r), num(r["median_s"] / b, fmt) if b else "–"]
+            for k, r in contenders.items()
+        ]
+    return table(["piece", "implementation", *timing_head(), f"× {base}"], rows)
+
+
+def _findings(s: dict[str, Any]) -> list[str]:
+    def med(piece: dict[str, Any], k: str) -> Any:
+        return get(piece, k, "median_s")
+
+    out = []
+    s2 = get(s, "in_scan", "conv2 backward dx+dW, in lax.scan")
+    if s2:
+        slow, fast = med(s2, "lax_autodiff"), med(s2, "wdjax_ops")
+        out.append(
+            "* **Inside `lax.scan` (how `fit` trains) JAX's autodiff conv backward is "
+            f"{num(slow / fast, '.1f')}× slower than `wdjax.ops.conv2d`'s** ({ms(slow)} vs "
+            f"{ms(fast)} ms per iteration for conv2's dx+dW): autodiff emits transposed "
+            "convolutions that XLA:CPU rewrites into its fast canonical form in a plain `jit` "
+            "but not inside a `while` loop (jax-ml/jax#12868), where they run as naive loops. "
+            "`wdjax.ops.conv2d` writes the backward pass as two canonical forward convolutions, "
+            "so every convolution of the library CNN stays canonical, in and out of the scan."
+        )
+    pool = get(s, "components", POOL)
+    if pool:
+        out.append(
+            "* **Max-pool**: `reduce_window`'s gradient (`select_and_scatter`, scalar loops on "
+            f"XLA:CPU) takes {ms(med(pool, 'reduce_window'))} ms for one 28×28×32 pool "
+            "forward+backward; `wdjax.ops.max_pool_2x2` (the max of four strided slices) "
+            f"{ms(med(pool, 'wdjax_ops'))} ms; PyTorch {ms(med(pool, 'torch'))} ms."
+        )
+    parts = []
+    for piece, r in (s.get("components") or {}).items():
+        j, t = med(r, "wdjax_ops") or med(r, "jax"), med(r, "torch")
+        if j and t:
+            parts.append(f"{piece} {ms(j)} vs {ms(t)} ms ({num(j / t, '.2f')}×)")
+    if parts:
+        out.append(
+            "* **Piece by piece, wdjax vs PyTorch** (plain `jit` vs oneDNN): "
+            + "; ".join(parts)
+            + ". Where wdjax is slower here, the CNN loses to PyTorch (section 2): XLA:CPU's "
+            "convolution kernel, not the scan or the pooling."
+        )
+    return out
+
+
+def render(s: dict[str, Any]) -> str:
+    out = [f"## {TITLE}", s["what"]]
+    if s.get("components"):
+        out += ["### Pieces alone (plain `jit`)", _pieces_table(s["components"], "torch", ".2f")]
+    if s.get("in_scan"):
+        out += [
+            "### Backward passes inside `lax.scan` (ms per iteration)",
+            _pieces_table(s["in_scan"], "wdjax_ops", ".1f"),
+        ]
+    if s.get("scan_convs"):
+        rows = [[k, str(v["convolutions"]), str(v["non_canonical"])] for k, v in s["scan_convs"].items()]
+        out += [
+            "### Convolutions XLA:CPU leaves in a slow (non-canonical) form",
+            table(["compiled function", "convolutions", f"not `{CANONICAL}`"], rows),
+        ]
+    if s.get("ops_max_abs_diff"):
+        out.append(
+            "Max |difference| between `wdjax.ops` and the plain `lax` ops (values, gradients; "
+            f"the pool's gradient after a ReLU): {s['ops_max_abs_diff']}."
+        )
+    findings = _findings(s)
+    if findings:
+        out += ["### Findings", "\n".join(findings)]
+    return "\n\n".join(out)

@@ -13,7 +13,11 @@ import optax
 
 import wdjax
 from benchmarks import common
-from wdjax import train
+from benchmarks.report import code, num, table, yes
+from benchmarks.timing import log
+from wdjax.lab import train
+
+TITLE = "5. Compile time and recompilations"
 
 
 def _lower_compile(fn: Any, *args: Any) -> tuple[float, float]:
@@ -32,19 +36,7 @@ def compile_times(name: str, cfg: Any) -> dict[str, Any]:
     params, model_state = model.init(jax.random.PRNGKey(0))
     oopt = common.optax_adamw(model)
     L = cfg.scan_length
-    xs = (
-        jnp.zeros((cfg.batch_size * L, *common.INPUT_SHAPE)),
-        jnp.zeros((cfg.batch_size * L,), jnp.int32),
-    )
-
-    def optax_step(p, s, x, y):
-        def loss_fn(p):
-            logits, _ = model.apply(p, model_state, x, train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        u, s = oopt.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
+    epoch = jax.device_put(common.batch(cfg.batch_size, n=cfg.batch_size * L))
 
     out: dict[str, Any] = {}
     makers = {
@@ -55,13 +47,13 @@ def compile_times(name: str, cfg: Any) -> dict[str, Any]:
         "wdjax_scan": lambda: (
             jax.jit(
                 functools.partial(train.run_steps, train.make_train_step(model, opt)),
-                static_argnums=(3, 4),
+                static_argnums=(2, 3),
                 donate_argnums=0,
             ),
-            (state, *xs, cfg.batch_size, L),
+            (state, epoch, cfg.batch_size, L),
         ),
         "optax_step": lambda: (
-            jax.jit(optax_step, donate_argnums=(0, 1)),
+            jax.jit(common.hand_step(model, model_state, oopt), donate_argnums=(0, 1)),
             (params, oopt.init(params), data["x"], data["y"]),
         ),
     }
@@ -80,8 +72,6 @@ def compile_times(name: str, cfg: Any) -> dict[str, Any]:
             "total_s": statistics.median([a + b for a, b in zip(lower, comp)]),
             "repeats": cfg.compile_repeats,
         }
-    if name == "cnn":
-        out["what_scan"] = f"wdjax_scan: run_steps over {L} steps"
     return out
 
 
@@ -119,15 +109,10 @@ def recompilations(cfg: Any) -> dict[str, Any]:
     params, model_state = model.init(jax.random.PRNGKey(0))
     mask = common.kernel_mask(params)
 
-    def loss_fn(p, x, y):
-        logits, _ = model.apply(p, model_state, x, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @functools.partial(jax.jit, static_argnums=4)
     def ostep(p, s, x, y, o):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-        u, s = o.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
+        return common.hand_step(model, model_state, o)(p, s, x, y)
+
+    ostep = jax.jit(ostep, static_argnums=4)
 
     o = optax.adamw(1e-3, weight_decay=1e-4, mask=mask)
     s = o.init(params)
@@ -155,23 +140,58 @@ def recompilations(cfg: Any) -> dict[str, Any]:
 
 def run(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "what": "trace+lower and XLA compile time (median of repeats, fresh functions); "
-        "recompilations of one jitted MLP step when wdjax.set_hyperparams changes weight_decay and "
-        "learning_rate (Python floats) between calls; contrasts: optax.tree_utils.tree_set with the same "
-        "Python floats, and optax.adamw re-created per λ (a static argument).",
+        "what": "trace+lower and XLA compile time (median of repeats, fresh functions; "
+        f"wdjax_scan: run_steps over {cfg.scan_length} steps); recompilations of one jitted MLP "
+        "step when wdjax.set_hyperparams changes weight_decay and learning_rate (Python floats) "
+        "between calls; contrasts: optax.tree_utils.tree_set with the same Python floats, and "
+        "optax.adamw re-created per λ (a static argument).",
         "models": {name: compile_times(name, cfg) for name in cfg.models},
+        "recompilation": recompilations(cfg),
     }
-    out["recompilation"] = recompilations(cfg)
     for name, r in out["models"].items():
-        print(
-            f"  compile {name}: "
-            + ", ".join(f"{k} {v['total_s']:.2f}s" for k, v in r.items() if isinstance(v, dict)),
-            flush=True,
-        )
-    rc = out["recompilation"]
-    print(
-        f"  recompiles: set_hyperparams {rc['wdjax_set_hyperparams_recompiles']}, tree_set floats {rc['tree_set_python_floats_recompiles']}, "
-        f"optax re-created {rc['optax_recreated_recompiles']}",
-        flush=True,
-    )
+        log(f"compile {name}, total s", r, lambda v: num(v["total_s"], ".2f"))
+    log("recompiles", {k: v for k, v in out["recompilation"].items() if "recompiles" in k}, str)
     return out
+
+
+def summary(s: dict[str, Any]) -> list[list[str]]:
+    rc = s["recompilation"]
+    return [
+        [
+            f"5. recompilations after {rc['changes']} changes of λ, η with "
+            "`wdjax.set_hyperparams`",
+            str(rc["wdjax_set_hyperparams_recompiles"]),
+            "0",
+            yes(rc["met"]),
+        ]
+    ]
+
+
+def render(s: dict[str, Any]) -> str:
+    rows = [
+        [name.upper(), code(k), *(num(r[t], ".2f") for t in ("trace_lower_s", "compile_s", "total_s"))]
+        for name, e in s["models"].items()
+        for k, r in e.items()
+        if isinstance(r, dict)
+    ]
+    rc = s["recompilation"]
+    return "\n\n".join(
+        [
+            f"## {TITLE}",
+            s["what"],
+            table(["model", "function", "trace+lower s", "compile s", "total s"], rows),
+            f"Recompilations over {rc['changes']} changes of (λ, η) between calls of one jitted "
+            "step:",
+            "* `wdjax.set_hyperparams(opt_state, weight_decay=λ, learning_rate=η)` with Python "
+            f"floats: **{rc['wdjax_set_hyperparams_recompiles']}** (target 0; the new values show "
+            f"up in the step's metrics: {rc['wdjax_values_seen_in_metrics']}); call after a "
+            f"change {num(rc['wdjax_call_after_change_s'] * 1e3, '.1f')} ms\n"
+            "* contrast, `optax.tree_utils.tree_set` with the same Python floats: "
+            f"**{rc['tree_set_python_floats_recompiles']}** (it stores weakly typed scalars, a "
+            "new input type for `jit`: one extra compile, then cached; `set_hyperparams` casts "
+            "to float32)\n"
+            "* contrast, `optax.adamw` re-created with each λ (a static argument): "
+            f"**{rc['optax_recreated_recompiles']}** recompiles; call after a change "
+            f"{num(rc['optax_call_after_change_s'] * 1e3, '.0f')} ms",
+        ]
+    )

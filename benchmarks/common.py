@@ -1,10 +1,10 @@
 """Shared pieces of the benchmarks: the environment record, the reference models and
-batches, and the hand-written Optax and PyTorch contenders."""
+batches, the hand-written Optax and PyTorch contenders, and the library's step without its
+per-step weight metrics (a contrast the library does not offer)."""
 
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 import platform
 import re
@@ -17,12 +17,14 @@ import numpy as np
 import optax
 
 import wdjax
-from wdjax import models, train
+from wdjax.lab import models, train
 
 INPUT_SHAPE = (28, 28, 1)
 MLP_WIDTHS = (512, 512)
 LR, WD, L1 = 1e-3, 1e-4, 1e-5
 TORCH_THREADS = 2  # what XLA's CPU client uses here: one thread per core
+# what make_train_step_without_weight_metrics drops from the library step's metrics
+WEIGHT_METRICS = ("weight_norm", "weight_norm_decayed", "weight_norm_other", "zero_fraction")
 
 
 # ---------------------------------------------------------------- environment
@@ -140,19 +142,14 @@ def wdjax_step(
         box[0], metrics = step(box[0], b)
         return jax.block_until_ready((box[0], metrics))
 
-    run.jitted = step  # type: ignore[attr-defined]
-    run.box = box  # type: ignore[attr-defined]
     return run
 
 
-def minimal_step(
-    model: Any, opt: optax.GradientTransformation, data: dict, *, skip: bool = False
-) -> Callable[[], Any]:
-    """A hand-written step: loss, grad, ``opt.update``, ``apply_updates``; returns the loss
-    only (no metrics). ``skip=True`` adds what the library does against non-finite steps:
-    the gradient norm, and the update under ``lax.cond(finite, update, keep)``. Params and
-    optimizer state donated."""
-    params, model_state = model.init(jax.random.PRNGKey(0))
+def hand_step(model: Any, model_state: Any, opt: optax.GradientTransformation, skip=False):
+    """A hand-written ``step(params, opt_state, x, y) -> (params, opt_state, loss)``: loss,
+    grad, ``opt.update``, ``apply_updates``; no metrics. ``skip=True`` adds what the library
+    does against non-finite steps: the gradient norm, and the update under
+    ``lax.cond(finite, update, keep)``. Not jitted."""
 
     def loss_fn(p, x, y):
         logits, _ = model.apply(p, model_state, x, train=True)
@@ -163,7 +160,6 @@ def minimal_step(
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, s, x, y):
         loss, g = jax.value_and_grad(loss_fn)(p, x, y)
         if not skip:
@@ -171,6 +167,15 @@ def minimal_step(
         ok = jnp.isfinite(optax.tree.norm(g)) & jnp.isfinite(loss)
         return (*jax.lax.cond(ok, update, lambda o: o[:2], (p, s, g)), loss)
 
+    return step
+
+
+def minimal_step(
+    model: Any, opt: optax.GradientTransformation, data: dict, *, skip: bool = False
+) -> Callable[[], Any]:
+    """:func:`hand_step` jitted, params and optimizer state donated, on one batch."""
+    params, model_state = model.init(jax.random.PRNGKey(0))
+    step = jax.jit(hand_step(model, model_state, opt, skip), donate_argnums=(0, 1))
     x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
     box = [params, opt.init(params)]
 
@@ -178,7 +183,6 @@ def minimal_step(
         box[0], box[1], loss = step(box[0], box[1], x, y)
         return jax.block_until_ready((box[0], loss))
 
-    run.jitted = step  # type: ignore[attr-defined]
     return run
 
 
@@ -192,24 +196,35 @@ def scanned_steps(
     opt: optax.GradientTransformation,
     batch_size: int,
     length: int,
-    make_step=None,
-    seed: int = 0,
 ) -> Callable[[], Any]:
     """``length`` library steps as one ``lax.scan`` over device-resident data, as ``fit``
     runs them (``train.run_steps``, state donated): one call is one epoch of
     ``batch_size * length`` random examples."""
-    make_step = make_step or train.make_train_step
-    step = make_step(model, opt)
-    run_steps = jax.jit(train.run_steps, static_argnums=(0, 4, 5), donate_argnums=1)
-    data = batch(batch_size, seed, n=batch_size * length)
-    x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
+    step = train.make_train_step(model, opt)
+    run_steps = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
+    data = jax.device_put(batch(batch_size, n=batch_size * length))
     box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
 
     def run():
-        box[0], metrics = run_steps(step, box[0], x, y, batch_size, length)
+        box[0], metrics = run_steps(step, box[0], data, batch_size, length)
         return jax.block_until_ready((box[0], metrics))
 
     return run
+
+
+def make_train_step_without_weight_metrics(
+    model: Any, optimizer: optax.GradientTransformation, **kwargs: Any
+) -> Callable[[train.TrainState, dict], tuple[train.TrainState, dict]]:
+    """``train.make_train_step(model, optimizer, **kwargs)`` minus :data:`WEIGHT_METRICS`:
+    XLA never computes them (dead code), so this measures what they cost per step. A
+    contrast, not a library option (``fit``'s epoch records use their last value)."""
+    step = train.make_train_step(model, optimizer, **kwargs)
+
+    def lean(state: train.TrainState, batch: dict) -> tuple[train.TrainState, dict]:
+        state, metrics = step(state, batch)
+        return state, {k: v for k, v in metrics.items() if k not in WEIGHT_METRICS}
+
+    return lean
 
 
 # ---------------------------------------------------------------- PyTorch

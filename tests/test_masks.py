@@ -1,5 +1,6 @@
-"""Tests for wdjax.masks: selectors, tree and callable masks, rate maps, validation,
-Flax linen dicts / ``nnx.State`` / Equinox modules, and ``describe``."""
+"""Tests for wdjax.masks: selectors, tree and callable masks, validation, Flax linen
+dicts / ``nnx.State`` / Equinox modules, ``wdjax.tables.describe``, and hypothesis
+properties (set algebra of the combinators, describe agrees with resolve)."""
 
 from __future__ import annotations
 
@@ -12,33 +13,14 @@ import numpy as np
 import optax
 import pytest
 from flax import linen, nnx
+from helpers import MASK_PARAMS as PARAMS
+from helpers import MASK_PATHS as PATHS
+from helpers import PROPERTY, float_trees, selected
+from hypothesis import given
+from hypothesis import strategies as st
 
 import wdjax
-from wdjax import masks
-
-# A Flax-linen-style params dict, with an integer leaf that must never be decayed.
-PARAMS = {
-    "Embed_0": {"embedding": jnp.ones((5, 3))},
-    "Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
-    "LayerNorm_0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
-    "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
-    "step": jnp.array(3, jnp.int32),
-}
-PATHS = [
-    "Dense_0/bias",
-    "Dense_0/kernel",
-    "Embed_0/embedding",
-    "LayerNorm_0/bias",
-    "LayerNorm_0/scale",
-    "head/bias",
-    "head/kernel",
-    "step",
-]
-
-
-def selected(params, mask) -> set[str]:
-    chosen = masks.resolve(params, mask)
-    return {p for (p, _), c in zip(masks.leaves_with_paths(params), chosen, strict=True) if c}
+from wdjax import masks, tables
 
 
 def test_paths_are_key_paths_joined_with_slash():
@@ -71,6 +53,7 @@ def test_paths_are_key_paths_joined_with_slash():
             {"Dense_0/bias", "LayerNorm_0/bias", "LayerNorm_0/scale"},
         ),
         (masks.default(), {"Dense_0/kernel", "head/kernel"}),
+        (masks.DEFAULT, {"Dense_0/kernel", "head/kernel"}),
         (masks.default(embeddings=True), {"Dense_0/kernel", "head/kernel", "Embed_0/embedding"}),
         (masks.match("*/kernel") & ~masks.match("head/*"), {"Dense_0/kernel"}),
         (
@@ -106,6 +89,11 @@ def test_selectors_are_not_callable():
     # optax.inject_hyperparams treats callables as schedules; selectors must never look like one.
     assert not callable(masks.default())
     assert not callable(masks.match("*") & masks.ALL)
+
+
+def test_selector_repr_describes_the_expression():
+    sel = (masks.match("*/kernel") & ~masks.regex("head")) | masks.default()
+    assert repr(sel) == "Selector(((match('*/kernel') & ~regex('head')) | default()))"
 
 
 # ------------------------------------------------------- tree and callable masks
@@ -161,42 +149,6 @@ def test_non_float_leaves_are_never_selected():
     np.testing.assert_array_equal(out["w"], 0.5 * np.ones((2, 2)))
 
 
-# ------------------------------------------------------------------ rate maps
-
-
-def test_rate_map_first_match_wins_with_fallback():
-    rm = masks.rates({"head/*": 2.0, "*/kernel": 1.0, "Embed_0/*": 0.1}, default=0.5)
-    got = dict(zip(PATHS, masks.leaf_rates(PARAMS, rm), strict=True))
-    assert got == {
-        "Dense_0/bias": 0.5,
-        "Dense_0/kernel": 1.0,
-        "Embed_0/embedding": 0.1,
-        "LayerNorm_0/bias": 0.5,
-        "LayerNorm_0/scale": 0.5,
-        "head/bias": 2.0,
-        "head/kernel": 2.0,
-        "step": None,  # never decayed
-    }
-    # default 0: leaves no group names are left alone
-    got = dict(zip(PATHS, masks.leaf_rates(PARAMS, masks.rates({"*/kernel": 1e-4})), strict=True))
-    assert {p for p, r in got.items() if r is not None} == {"Dense_0/kernel", "head/kernel"}
-
-
-def test_rate_pytree_and_mask_together():
-    per_leaf = {
-        "Embed_0": 0.0,
-        "Dense_0": 1.0,
-        "LayerNorm_0": 3.0,
-        "head": {"kernel": 2.0, "bias": 4.0},
-        "step": 1.0,
-    }
-    got = dict(zip(PATHS, masks.leaf_rates(PARAMS, per_leaf, masks.default()), strict=True))
-    assert {p: r for p, r in got.items() if r is not None} == {
-        "Dense_0/kernel": 1.0,
-        "head/kernel": 2.0,
-    }
-
-
 # ------------------------------------------------------------------ validation
 
 
@@ -207,8 +159,8 @@ def test_pattern_matching_nothing_raises():
         masks.resolve(PARAMS, masks.match("dense/*"))
     with pytest.raises(ValueError, match="mask pattern 'nope' matches no parameter"):
         masks.resolve(PARAMS, masks.match("*/kernel") | masks.regex("nope"))
-    with pytest.raises(ValueError, match=r"rate pattern 'conv\*' matches no parameter"):
-        masks.leaf_rates(PARAMS, masks.rates({"conv*": 1.0}))
+    with pytest.raises(ValueError, match="mask pattern 'nope' matches no parameter"):
+        masks.resolve(PARAMS, ~masks.match("nope"))  # negation keeps the check
 
 
 def test_mask_tree_not_fitting_names_the_path():
@@ -238,10 +190,6 @@ def test_mask_tree_not_fitting_names_the_path():
     too_deep = {"w": {"a": True}}
     with pytest.raises(ValueError, match="no entry for parameter 'w'"):
         masks.resolve({"w": jnp.ones(2)}, too_deep)
-    with pytest.raises(
-        ValueError, match="rate tree does not fit the params: no entry for parameter 'b'"
-    ):
-        masks.leaf_rates({"w": jnp.ones(2), "b": jnp.ones(2)}, {"w": 1.0})
 
 
 @pytest.mark.parametrize("leaf", [1, 1.0, "yes", jnp.array(True), np.array([True, False])])
@@ -258,19 +206,6 @@ def test_mask_selecting_nothing_raises_but_none_is_allowed():
     with pytest.raises(ValueError, match="selects no floating-point parameter"):
         masks.resolve({"w": jnp.ones((2, 2)), "n": jnp.array(1)}, {"w": False, "n": True})
     assert masks.resolve(PARAMS, masks.NONE) == [False] * len(PATHS)
-
-
-@pytest.mark.parametrize(
-    ("bad", "msg"),
-    [(-1.0, "must be >= 0"), (float("nan"), "must be finite"), ("x", "must be a number")],
-)
-def test_rate_maps_reject_bad_rates(bad, msg):
-    with pytest.raises(ValueError, match=f"rate for '\\*/kernel' {msg}"):
-        masks.rates({"*/kernel": bad})
-    with pytest.raises(ValueError, match=f"default rate {msg}"):
-        masks.rates({"*/kernel": 1.0}, default=bad)
-    with pytest.raises(ValueError, match=f"rate for 'b' {msg}"):
-        masks.leaf_rates({"w": jnp.ones(2), "b": jnp.ones(2)}, {"w": 1.0, "b": bad})
 
 
 def test_bad_pattern_arguments():
@@ -388,10 +323,10 @@ def test_equinox_params_and_module_as_mask_tree():
 
 def test_describe_rows_totals_and_printing():
     buf = io.StringIO()
-    table = masks.describe(PARAMS, masks.rates({"head/*": 2.0, "*/kernel": 1e-4}), file=buf)
+    table = tables.describe(PARAMS, wdjax.rates({"head/*": 2.0, "*/kernel": 1e-4}), file=buf)
     assert [r.path for r in table.rows] == PATHS
     rows = {r.path: r for r in table.rows}
-    assert rows["Dense_0/kernel"] == masks.Row("Dense_0/kernel", (3, 4), "float32", 12, 1e-4)
+    assert rows["Dense_0/kernel"] == tables.Row("Dense_0/kernel", (3, 4), "float32", 12, 1e-4)
     assert rows["head/bias"].rate == 2.0 and rows["head/kernel"].rate == 2.0
     assert rows["Dense_0/bias"].rate is None and rows["step"].rate is None
     assert rows["step"].dtype == "int32" and rows["step"].size == 1
@@ -408,13 +343,110 @@ def test_describe_rows_totals_and_printing():
 
 
 def test_describe_with_mask_and_rate_and_no_printing(capsys):
-    table = masks.describe(PARAMS, masks.default(), rate=0.01, file=None)
+    table = wdjax.describe(PARAMS, masks.default(), rate=0.01, file=None)
     assert capsys.readouterr().out == ""
     assert {r.path: r.rate for r in table.rows if r.rate is not None} == {
         "Dense_0/kernel": 0.01,
         "head/kernel": 0.01,
     }
     assert table.decayed == 20
-    masks.describe({"w": jnp.ones((2, 3), jnp.bfloat16)})
+    tables.describe({"w": jnp.ones((2, 3), jnp.bfloat16)})
     out = capsys.readouterr().out
     assert "bfloat16" in out and "regularized 6 of 6 parameters (100.0%)" in out
+
+
+def test_describe_is_one_function_under_three_names():
+    assert wdjax.describe is tables.describe
+    assert masks.describe is tables.describe  # the documented spelling, not deprecated
+    assert masks.Table is tables.Table and masks.Row is tables.Row
+
+
+# ------------------------------------------------------------------ properties
+
+
+def _resolve_or_empty(params, mask) -> set[str]:
+    """``selected``, with a mask that selects nothing giving the empty set."""
+    try:
+        return selected(params, mask)
+    except ValueError as e:
+        assert "selects no floating-point parameter" in str(e)
+        return set()
+
+
+@st.composite
+def trees_and_selectors(draw, depth: int = 2):
+    """A random params tree (float leaves of mixed dtypes plus an int leaf), and a random
+    selector expression over it with the set of paths it should select."""
+    tree, _ = draw(float_trees())
+    params = {"net": tree["root"], "count": jnp.array(3, jnp.int32)}
+    named = masks.leaves_with_paths(params)
+    paths = [p for p, _ in named]
+    floats = {p for p, x in named if jnp.issubdtype(x.dtype, jnp.floating)}
+
+    def atom():
+        kind = draw(st.sampled_from(["where", "match", "regex", "default", "ALL", "NONE"]))
+        if kind == "where":
+            subset = frozenset(draw(st.sets(st.sampled_from(paths))))
+            return masks.where(lambda p, x, s=subset: p in s), subset & floats
+        if kind == "match":
+            p = draw(st.sampled_from(paths))
+            if draw(st.booleans()):
+                return masks.match(p), {p} & floats
+            stem = p.rsplit("/", 1)[0]
+            return masks.match(stem + "*"), {q for q in floats if q.startswith(stem)}
+        if kind == "regex":
+            part = draw(st.sampled_from(draw(st.sampled_from(paths)).split("/")))
+            return masks.regex(f"(^|/){part}(/|$)"), {
+                q for q in floats if part in q.split("/")
+            }
+        if kind == "default":
+            return masks.default(), {p for p, x in named if p in floats and np.ndim(x) >= 2}
+        return (masks.ALL, set(floats)) if kind == "ALL" else (masks.NONE, set())
+
+    def expr(d: int):
+        if d == 0 or draw(st.booleans()):
+            return atom()
+        op = draw(st.sampled_from(["and", "or", "not"]))
+        a, sa = expr(d - 1)
+        if op == "not":
+            return ~a, floats - sa
+        b, sb = expr(d - 1)
+        return (a & b, sa & sb) if op == "and" else (a | b, sa | sb)
+
+    return params, floats, expr(depth), expr(depth)
+
+
+@PROPERTY
+@given(data=trees_and_selectors())
+def test_combinators_obey_set_algebra(data):
+    params, floats, (a, sa), (b, sb) = data
+    A, B = _resolve_or_empty(params, a), _resolve_or_empty(params, b)
+    assert A == sa and B == sb
+    assert _resolve_or_empty(params, a & b) == A & B
+    assert _resolve_or_empty(params, a | b) == A | B
+    assert _resolve_or_empty(params, ~a) == floats - A  # complement among float leaves
+    # De Morgan
+    assert _resolve_or_empty(params, ~(a & b)) == _resolve_or_empty(params, ~a | ~b)
+    assert _resolve_or_empty(params, ~(a | b)) == _resolve_or_empty(params, ~a & ~b)
+    assert _resolve_or_empty(params, ~~a) == A
+
+
+@PROPERTY
+@given(data=trees_and_selectors(depth=1), as_tree=st.booleans(), rate=st.floats(1e-6, 10.0))
+def test_describe_agrees_with_resolve(data, as_tree, rate):
+    params, _, (mask, expected), _ = data
+    if as_tree:  # the same selection as a bool tree
+        chosen = {p for p, _ in masks.leaves_with_paths(params)} & expected
+        mask = jax.tree.unflatten(
+            jax.tree.structure(params),
+            [p in chosen for p, _ in masks.leaves_with_paths(params)],
+        )
+    try:
+        table = tables.describe(params, mask, rate, file=None)
+    except ValueError as e:
+        assert "selects no floating-point parameter" in str(e)
+        assert not expected
+        return
+    assert {r.path for r in table.rows if r.rate is not None} == selected(params, mask)
+    assert all(r.rate == pytest.approx(rate) for r in table.rows if r.rate is not None)
+    assert table.decayed == sum(r.size for r in table.rows if r.path in expected)

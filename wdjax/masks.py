@@ -211,7 +211,8 @@ def resolve(params: Params, mask: Mask = None) -> list[bool]:
         for pattern, check in selector.patterns:
             if not any(check(p) for p, _ in named):
                 raise ValueError(
-                    f"mask pattern {pattern!r} matches no parameter; paths are: {_preview([p for p, _ in named])}"
+                    f"mask pattern {pattern!r} matches no parameter; "
+                    f"paths are: {_preview([p for p, _ in named])}"
                 )
         chosen = [is_float(x) and bool(selector.predicate(p, x)) for p, x in named]
     else:

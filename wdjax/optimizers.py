@@ -1,14 +1,14 @@
 """Ready-made optimizers: thin ``optax.chain``\\ s with the decay in the right place.
 
-============  ====================================================  =========================
-optimizer     chain                                                 PyTorch equivalent
-============  ====================================================  =========================
-``adamw``     adam → −η → decoupled decay ``u ← u − c_t·λ·w``        ``AdamW(weight_decay=λ)``
-``adam_l2``   ``g + λ·w`` → adam → −η                               ``Adam(weight_decay=λ)``
-``sgdw``      momentum → −η → decoupled decay                       (SGDW, Loshchilov & Hutter)
-``sgd_l2``    ``g + λ·w`` → momentum → −η                           ``SGD(weight_decay=λ, momentum=μ)``
-``lionw``     lion → −η → decoupled decay                           (Lion paper)
-============  ====================================================  =========================
+============  =======================================  =================================
+optimizer     chain                                    PyTorch equivalent
+============  =======================================  =================================
+``adamw``     adam → −η → decay ``u ← u − c_t·λ·w``    ``AdamW(weight_decay=λ)``
+``adam_l2``   ``g + λ·w`` → adam → −η                  ``Adam(weight_decay=λ)``
+``sgdw``      momentum → −η → decoupled decay          (SGDW, Loshchilov & Hutter)
+``sgd_l2``    ``g + λ·w`` → momentum → −η              ``SGD(weight_decay=λ, momentum=μ)``
+``lionw``     lion → −η → decoupled decay              (Lion paper)
+============  =======================================  =================================
 
 Each takes ``mask`` (default: :func:`wdjax.masks.default`, kernels only — biases,
 normalization parameters and embeddings are not decayed), ``l1`` (adds
@@ -16,8 +16,8 @@ normalization parameters and embeddings are not decayed), ``l1`` (adds
 ``lr_coupling`` and ``cautious`` (see :func:`wdjax.decoupled_weight_decay`).
 
 ``weight_decay`` and ``l1`` may also be per-group :func:`wdjax.rates` (then they
-are static). Scalar ``learning_rate``, ``weight_decay`` and ``l1`` live in the optimizer state as float32
-hyperparameters (``optax.inject_hyperparams``), so they can be read and changed
+are static). Scalar ``learning_rate``, ``weight_decay`` and ``l1`` live in the optimizer
+state as float32 hyperparameters (``optax.inject_hyperparams``), so they can be read and changed
 without recompiling, and vmapped over for sweeps::
 
     state = wdjax.set_hyperparams(state, weight_decay=1e-3)   # no recompilation

@@ -77,7 +77,8 @@ def l2(rate: Rate, mask: Mask = None) -> Penalty:
 
 
 def l1(rate: Rate, mask: Mask = None) -> Penalty:
-    """``R(w) = rate · Σ |w|`` (subgradient 0 at 0; use :func:`wdjax.l1_proximal` for exact zeros)."""
+    """``R(w) = rate · Σ |w|`` (subgradient 0 at 0; :func:`wdjax.l1_proximal` gives exact
+    zeros)."""
     return _penalty("l1", rate, mask, _abs)
 
 

@@ -1,31 +1,37 @@
-"""The ``wdjax`` command: ``train``, ``sweep`` and ``masks``.
+"""The wdjax command: train a reference model, sweep lambda, or show what a mask decays.
 
-Bad input prints one line, ``wdjax: error: ...``, and exits with status 2.
+Bad input prints one line, "wdjax: error: ...", and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import ast
+import inspect
 import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from wdjax import masks, optimizers
-from wdjax.lab import checkpoint, data, models, train
-from wdjax.penalties import l1 as l1_penalty
-from wdjax.penalties import l2 as l2_penalty
+from wdjax import masks, optimizers, penalties, transforms
+from wdjax.lab import checkpoint, data, models, report, train
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
-INPUT_SHAPES = {
-    "digits": (8, 8, 1),
-    "mnist": (28, 28, 1),
-    "fashion_mnist": (28, 28, 1),
-    "xor": (2,),
+MASKS = {"default": masks.DEFAULT, "all": masks.ALL, "none": masks.NONE}
+PENALTIES = {
+    "l2": penalties.l2,
+    "l1": penalties.l1,
+    "group_lasso": lambda rate, mask: penalties.group_lasso(rate, 0, mask),
+}
+DESCRIPTION = {
+    "train": "Train a reference model on a dataset and report accuracy, loss, decay and norms.",
+    "sweep": "Train a grid of weight decays (x learning rates x L1 rates x seeds x folds) "
+    "as one program and choose one.",
+    "masks": "Print which parameters of a reference model a mask decays.",
 }
 
 
@@ -38,185 +44,267 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog.removeprefix('wdjax').strip() or 'wdjax'}: {message}")
 
 
-def parse_mask(words: Sequence[str]) -> Any:
-    """``default`` | ``all`` | ``none`` | glob patterns -> a mask for :mod:`wdjax.masks`."""
-    named = {"default": masks.default(), "all": masks.ALL, "none": masks.NONE}
-    if len(words) == 1 and words[0] in named:
-        return named[words[0]]
-    if any(w in named for w in words):
-        raise UsageError(f"--mask takes one of {', '.join(named)} alone, or glob patterns")
-    return masks.match(*words)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show."""
 
 
-def _positive(kind: type) -> Any:
+def _number(kind: type, low: float = 0.0, high: float | None = None, closed: bool = False) -> Any:
+    """Parse a number in ``[low, high)`` (``[low, high]`` with ``closed``)."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value >= 0:  # also rejects NaN
-            raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text!r}")
+        above = value <= high if closed else value < high if high is not None else True
+        if not (value >= low and above):  # also rejects NaN
+            bound = "" if high is None else f" and {'<=' if closed else '<'} {high}"
+            raise argparse.ArgumentTypeError(f"expected a value >= {low}{bound}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
 
 
-def _list_of(kind: type) -> Any:
-    item = _positive(kind) if kind is float else kind
-
+def _list_of(item: Any) -> Any:
     def parse(text: str) -> list:
-        try:
-            return [item(t) for t in text.split(",") if t.strip()] or _empty(text)
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated {kind.__name__}s: {e}"
-            ) from None
+        values = [item(t) for t in text.split(",") if t.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return values
 
+    parse.__name__ = "list"
     return parse
 
 
-def _empty(text: str) -> NoReturn:
-    raise ValueError(f"empty list {text!r}")
+def _assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with a Python literal value (``widths=128,128`` is a tuple)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key.replace("-", "_"), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.replace("-", "_"), value
 
 
-_floats, _ints = _list_of(float), _list_of(int)
+_rate = _number(float)
+_count = _number(int, low=1)
+
+
+def parse_mask(words: Sequence[str]) -> Any:
+    """``default`` | ``all`` | ``none`` | glob patterns -> a mask for :mod:`wdjax.masks`."""
+    if len(words) == 1 and words[0] in MASKS:
+        return MASKS[words[0]]
+    if any(w in MASKS for w in words):
+        raise UsageError(f"--mask takes one of {', '.join(MASKS)} alone, or glob patterns")
+    return masks.match(*words)
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=models.MODELS, default="mlp")
-    p.add_argument("--widths", default="256,256", help="MLP hidden widths, comma-separated")
-    p.add_argument("--dropout", type=_positive(float), default=0.0)
-    p.add_argument("--batch-norm", action="store_true")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=models.MODELS, default="mlp", help="reference model")
+    g.add_argument(
+        "--model-config",
+        type=_assignment,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model options, checked against the model's factory "
+        f"(mlp: {', '.join(models.config_names('mlp'))}; "
+        f"cnn: {', '.join(models.config_names('cnn'))})",
+    )
+    g.add_argument("--widths", type=_list_of(_count), help="short for --model-config widths=...")
+    g.add_argument("--dropout", type=_number(float, high=1.0), help="dropout rate in [0, 1)")
+    g.add_argument("--batch-norm", action="store_true", help="batch normalization after layers")
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=data.DATASETS, default="digits")
-    p.add_argument(
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=data.DATASETS, default="digits", help="dataset")
+    g.add_argument(
         "--data-dir", help="directory with MNIST / Fashion-MNIST files (default: $WDJAX_DATA)"
     )
-    p.add_argument(
-        "--download", action="store_true", help="download the dataset (checksums verified)"
-    )
+    g.add_argument("--download", action="store_true", help="download it (checksums verified)")
 
 
-def _optim_options(p: argparse.ArgumentParser, single: bool = True) -> None:
-    p.add_argument("--optimizer", choices=tuple(optimizers.OPTIMIZERS), default="adamw")
-    if single:
-        p.add_argument("--lr", type=_positive(float), default=1e-3)
-        p.add_argument("--weight-decay", type=_positive(float), default=1e-4)
-        p.add_argument("--l1", type=_positive(float), default=None, help="proximal L1 rate")
-    p.add_argument("--momentum", type=_positive(float), default=0.9, help="for sgdw / sgd_l2")
-    p.add_argument(
-        "--mask", nargs="+", default=["default"], help="default | all | none | glob patterns"
+def _optim_options(p: argparse.ArgumentParser, sweep: bool) -> None:
+    g = p.add_argument_group("optimizer and regularization")
+    g.add_argument(
+        "--optimizer", choices=tuple(optimizers.OPTIMIZERS), default="adamw", help="optimizer"
     )
-    p.add_argument("--epochs", type=_positive(int), default=30)
-    p.add_argument("--batch-size", type=_positive(int), default=64)
-    p.add_argument("--seed", type=int, default=0)
+    many = _list_of(_rate)
+    if sweep:
+        g.add_argument(
+            "--weight-decay", type=many, default=[0.0, 1e-5, 1e-4, 1e-3, 1e-2], help="λ values"
+        )
+        g.add_argument("--lr", type=many, default=[1e-3], help="learning rates")
+        g.add_argument("--l1", type=many, help="proximal L1 rates (default: no L1 step)")
+    else:
+        g.add_argument("--weight-decay", type=_rate, default=1e-4, help="λ of the optimizer")
+        g.add_argument("--lr", type=_rate, default=1e-3, help="learning rate η (peak)")
+        g.add_argument("--l1", type=_rate, help="proximal L1 rate (default: no L1 step)")
+    g.add_argument(
+        "--lr-coupling",
+        choices=transforms.COUPLINGS,
+        help="what multiplies λ in decoupled decay: η_t (lr), η_t/η_max (schedule), "
+        "η_t²/η_max (corrected) or 1 (constant); default lr",
+    )
+    g.add_argument("--max-learning-rate", type=_rate, help="η_max of the schedule coupling")
+    g.add_argument(
+        "--cautious", action="store_true", help="decay only where the step moves w toward 0"
+    )
+    g.add_argument("--momentum", type=_number(float, high=1.0), help="sgdw/sgd_l2; default 0.9")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd*, adamw)")
+    g.add_argument(
+        "--optimizer-config",
+        type=_assignment,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other optimizer keywords (b1=0.9 b2=0.95 eps=1e-8 ...)",
+    )
+    g.add_argument(
+        "--mask", nargs="+", default=["default"], help="decayed leaves: default|all|none|globs"
+    )
+    g.add_argument(
+        "--penalty",
+        type=_assignment,
+        nargs="+",
+        default=[],
+        metavar="NAME=RATE",
+        help=f"penalties added to the loss, on the --mask leaves ({', '.join(PENALTIES)})",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_count, default=15 if sweep else 30, help="epochs")
+    g.add_argument("--batch-size", type=_count, default=64, help="examples per step")
+    g.add_argument("--seed", type=int, default=0, help="init, batch order and data split")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wdjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a reference model")
+    def command(name: str, run: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=DESCRIPTION[name], description=DESCRIPTION[name], formatter_class=_Help
+        )
+        p.set_defaults(run=run)
+        return p
+
+    t = command("train", cmd_train)
     _model_options(t)
     _data_options(t)
-    _optim_options(t)
-    t.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    t.add_argument("--warmup-epochs", type=_positive(int), default=1)
-    t.add_argument("--clip-norm", type=_positive(float), default=None)
-    t.add_argument(
-        "--patience", type=_positive(int), default=None, help="early stopping on val loss"
-    )
+    _optim_options(t, sweep=False)
+    t.add_argument("--schedule", choices=SCHEDULES, default="constant", help="η schedule")
+    t.add_argument("--warmup-epochs", type=_number(int), default=1, help="for warmup_cosine")
+    t.add_argument("--clip-norm", type=_rate, help="clip gradients to this global norm")
+    t.add_argument("--patience", type=_count, help="early stopping on the validation loss")
     t.add_argument("--out", default="runs/train", help="output directory")
-    t.add_argument("--checkpoint-every", type=_positive(int), default=None, help="steps")
-    t.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
-    )
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(run=cmd_train)
+    t.add_argument("--checkpoint-every", type=_count, help="checkpoint interval in steps")
+    t.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("sweep", help="train a grid of λ (× lr × l1 × seeds × folds) at once")
+    s = command("sweep", cmd_sweep)
     _model_options(s)
     _data_options(s)
-    _optim_options(s, single=False)
-    s.add_argument(
-        "--weight-decay",
-        type=_floats,
-        default=[0.0, 1e-5, 1e-4, 1e-3, 1e-2],
-        help="comma-separated",
-    )
-    s.add_argument("--lr", type=_floats, default=[1e-3], help="comma-separated")
-    s.add_argument("--l1", type=_floats, default=None, help="comma-separated proximal L1 rates")
-    s.add_argument("--seeds", type=_ints, default=[0], help="comma-separated")
-    s.add_argument("--folds", type=_positive(int), default=None, help="k-fold cross-validation")
-    s.add_argument("--select", choices=("best", "one_se"), default="best")
-    s.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
-    s.add_argument(
-        "--chunk-size", type=_positive(int), default=None, help="members per compiled chunk"
-    )
+    _optim_options(s, sweep=True)
+    s.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated seeds")
+    s.add_argument("--folds", type=_number(int, low=2), help="k-fold cross-validation (k >= 2)")
+    s.add_argument("--select", choices=("best", "one_se"), default="best", help="choice rule")
+    s.add_argument("--metric", default=None, help="validation metric (default: accuracy)")
+    s.add_argument("--chunk-size", type=_count, help="members per compiled chunk")
     s.add_argument("--out", default="runs/sweep", help="output directory")
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(run=cmd_sweep, epochs=15)
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    m = sub.add_parser("masks", help="print which parameters a mask decays")
+    m = command("masks", cmd_masks)
     _model_options(m)
-    m.add_argument(
-        "--dataset", choices=data.DATASETS, default="digits", help="sets the input shape"
-    )
-    m.add_argument("--mask", nargs="+", default=["default"])
-    m.set_defaults(run=cmd_masks)
+    _data_options(m)
+    m.add_argument("--mask", nargs="+", default=["default"], help="default|all|none|globs")
     return parser
+
+
+def _model(args: argparse.Namespace, ds: data.Dataset) -> models.Model:
+    config = dict(args.model_config)
+    shorthands = {"widths": args.widths, "dropout": args.dropout}
+    shorthands["batch_norm"] = True if args.batch_norm else None
+    config |= {k: v for k, v in shorthands.items() if v is not None}
+    return models.create(
+        args.model, input_shape=ds.input_shape, num_classes=ds.num_classes, **config
+    )
+
+
+def _optimizer_options(args: argparse.Namespace, mask: Any) -> dict[str, Any]:
+    """Keyword arguments of the chosen optimizer; a flag it does not take is an error."""
+    given = {
+        "lr_coupling": args.lr_coupling,
+        "max_learning_rate": args.max_learning_rate,
+        "cautious": args.cautious or None,
+        "momentum": args.momentum,
+        "nesterov": args.nesterov or None,
+    }
+    options = {k: v for k, v in given.items() if v is not None} | dict(args.optimizer_config)
+    accepted = inspect.signature(optimizers.OPTIMIZERS[args.optimizer]).parameters
+    wrong = sorted(k for k in options if k not in accepted)
+    if wrong:
+        names = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise UsageError(f"{args.optimizer} does not take {names}")
+    if "momentum" in accepted:
+        options.setdefault("momentum", 0.9)
+    return options | {"mask": mask}
+
+
+def _penalties(args: argparse.Namespace, mask: Any) -> list[penalties.Penalty]:
+    unknown = [name for name, _ in args.penalty if name not in PENALTIES]
+    if unknown:
+        raise UsageError(f"--penalty {unknown[0]}: choose from {', '.join(PENALTIES)}")
+    out = []
+    for name, rate in args.penalty:
+        try:
+            rate = _rate(str(rate))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--penalty {name}: {e}") from None
+        out.append(PENALTIES[name](rate, mask))
+    return out
+
+
+def _out_dir(path: str) -> pathlib.Path:
+    """Create the output directory before any training, so a bad path fails first."""
+    out = pathlib.Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    ds = data.load(args.dataset, data_dir=args.data_dir, download=args.download)
+    model = _model(args, ds)
+    params, _ = model.init(jax.random.PRNGKey(0))
+    print(f"{args.model} on {ds.summary()}; mask: {' '.join(args.mask)}")
+    masks.describe(params, parse_mask(args.mask))
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from wdjax.lab.sweeps import sweep
 
+    out = _out_dir(args.out)
     ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
-    model = _model(args, ds.input_shape, ds.num_classes)
-    config: dict[str, Any] = {"mask": parse_mask(args.mask)}
-    if args.optimizer in ("sgdw", "sgd_l2"):
-        config["momentum"] = args.momentum
+    mask = parse_mask(args.mask)
     result = sweep(
-        ds,
-        model=model,
-        optimizer=args.optimizer,
-        optimizer_config=config,
-        weight_decay=args.weight_decay,
-        learning_rate=args.lr,
-        l1=args.l1,
-        seeds=args.seeds,
-        folds=args.folds,
-        fold_seed=args.seed,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        select=args.select,
-        metric=args.metric,
-        chunk_size=args.chunk_size,
-        progress=not args.no_progress,
-    )
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        ds, model=_model(args, ds), optimizer=args.optimizer,
+        optimizer_config=_optimizer_options(args, mask), weight_decay=args.weight_decay,
+        learning_rate=args.lr, l1=args.l1, seeds=args.seeds, folds=args.folds,
+        fold_seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+        penalties=_penalties(args, mask), mask=mask, select=args.select, metric=args.metric,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+    )  # fmt: skip
     result.to_json(out / "sweep.json")
-    result.plot(out / "sweep.png")
     print(result.table())
+    result.plot(out / "sweep.png")
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.png'}")
     return 0
-
-
-def _model(
-    args: argparse.Namespace, input_shape: tuple[int, ...], num_classes: int
-) -> models.Model:
-    config: dict[str, Any] = {"dropout": args.dropout, "batch_norm": args.batch_norm}
-    if args.model == "mlp":
-        try:
-            config["widths"] = tuple(int(w) for w in args.widths.split(","))
-        except ValueError:
-            raise UsageError(
-                f"--widths takes comma-separated integers, got {args.widths!r}"
-            ) from None
-    return models.create(args.model, input_shape=input_shape, num_classes=num_classes, **config)
 
 
 def _schedule(args: argparse.Namespace, steps_per_epoch: int) -> Any:
@@ -231,28 +319,29 @@ def _schedule(args: argparse.Namespace, steps_per_epoch: int) -> Any:
     return optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, total)
 
 
-def _optimizer(
-    args: argparse.Namespace, mask: Any, learning_rate: Any
-) -> optax.GradientTransformation:
-    kwargs: dict[str, Any] = {"mask": mask, "l1": args.l1}
-    if args.optimizer in ("sgdw", "sgd_l2"):
-        kwargs["momentum"] = args.momentum
-    opt = optimizers.create(args.optimizer, learning_rate, args.weight_decay, **kwargs)
-    return optax.chain(optax.clip_by_global_norm(args.clip_norm), opt) if args.clip_norm else opt
-
-
-def cmd_masks(args: argparse.Namespace) -> int:
-    model = _model(args, INPUT_SHAPES[args.dataset], 10)
-    params, _ = model.init(jax.random.PRNGKey(0))
-    print(
-        f"{args.model} on {args.dataset} {INPUT_SHAPES[args.dataset]}, mask: {' '.join(args.mask)}"
-    )
-    masks.describe(params, parse_mask(args.mask))
-    return 0
+def _decay_report(
+    args: argparse.Namespace, options: dict, lr: Any, total_steps: int, final: dict
+) -> dict[str, Any]:
+    """What the optimizer's λ did, in its own terms: for decoupled decay the per-step
+    shrink factor c_t·λ (not a penalty), for coupled L2 the gradient term λ·w."""
+    norms = {k: final[k] for k in ("weight_norm_decayed", "weight_norm_other")}
+    if args.optimizer in ("adam_l2", "sgd_l2"):
+        return {"kind": "coupled L2: g ← g + λ·w", "lambda": args.weight_decay, **norms}
+    coupling = options.get("lr_coupling", "lr")
+    c = transforms.multiplier(coupling, lr, options.get("max_learning_rate") or args.lr)
+    first, last = (float(c(jnp.asarray(t))) * args.weight_decay for t in (0, total_steps - 1))
+    return {
+        "kind": "decoupled: u ← u − c_t·λ·w",
+        "lambda": args.weight_decay,
+        "lr_coupling": coupling,
+        "per_step_factor_first": first,
+        "per_step_factor_last": last,
+        **norms,
+    }
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    out = pathlib.Path(args.out)
+    out = _out_dir(args.out)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
         raise UsageError(
@@ -261,17 +350,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.checkpoint_every:
         raise UsageError("--resume needs --checkpoint-every (the interval the run was saved with)")
     ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
-    model = _model(args, ds.input_shape, ds.num_classes)
+    model = _model(args, ds)
     mask = parse_mask(args.mask)
     batch_size = min(args.batch_size, len(ds.x_train))
-    if batch_size < 1 or args.epochs < 1:
-        raise UsageError("--epochs and --batch-size must be at least 1")
-    lr = _schedule(args, len(ds.x_train) // batch_size)
-    opt = _optimizer(args, mask, lr)
+    steps = len(ds.x_train) // batch_size
+    lr = _schedule(args, steps)
+    options = _optimizer_options(args, mask)
+    opt = optimizers.create(args.optimizer, lr, args.weight_decay, l1=args.l1, **options)
+    if args.clip_norm:
+        opt = optax.chain(optax.clip_by_global_norm(args.clip_norm), opt)
+    loss_terms = _penalties(args, mask)
     params, _ = model.init(jax.random.PRNGKey(0))
     table = masks.describe(params, mask, file=None)  # validates the mask before training
 
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = (
         checkpoint.Checkpointer(ckpt_dir, args.checkpoint_every) if args.checkpoint_every else None
     )
@@ -279,31 +370,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{ds.summary()}; {args.model} with {table.total:,} parameters, {table.decayed:,} decayed"
     )
     result = train.fit(
-        model,
-        opt,
-        ds,
-        epochs=args.epochs,
-        batch_size=batch_size,
-        seed=args.seed,
-        mask=mask,
-        patience=args.patience,
-        checkpoints=ckpt,
+        model, opt, ds, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
+        penalties=loss_terms, mask=mask, patience=args.patience, checkpoints=ckpt,
         progress=not args.no_progress,
-    )
+    )  # fmt: skip
     if ckpt is not None:
         ckpt.close()
     state = result.state
     splits = {
-        name: train.evaluate(model, state.params, state.model_state, x, y)
-        for name, x, y in (
-            ("train", ds.x_train, ds.y_train),
-            ("val", ds.x_val, ds.y_val),
-            ("test", ds.x_test, ds.y_test),
-        )
+        name: train.evaluate(model, state.params, state.model_state, ds.arrays(name))
+        for name in ("train", "val", "test")
     }
-    penalties = {"l2 (λ/2·Σw²)": float(l2_penalty(args.weight_decay, mask)(state.params))}
-    if args.l1 is not None:
-        penalties["l1 (λ·Σ|w|)"] = float(l1_penalty(args.l1, mask)(state.params))
+    in_loss = {p.name: float(p(state.params)) for p in loss_terms}
+    decay = _decay_report(args, options, lr, args.epochs * steps, result.history[-1])
     summary = {
         "config": {k: v for k, v in vars(args).items() if k != "run"},
         "dataset": ds.summary(),
@@ -311,53 +390,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         "stopped_early": result.stopped_early,
         "skipped_steps": int(state.skipped),
         "results": splits,
-        "penalties": penalties,
+        "penalties_in_loss": in_loss,
+        "decay": decay,
         "parameters": {"total": table.total, "decayed": table.decayed},
     }
-    _write_outputs(out, result.history, summary)
-    print(_results_table(splits, penalties, table))
+    report.write_json(summary, out / "summary.json")
+    report.write_jsonl(result.history, out / "metrics.jsonl")
+    print(_results_table(splits, in_loss, decay, table))
+    report.plot_history(result.history, out / "curves.png")
     print(f"wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {out / 'curves.png'}")
     return 0
 
 
-def _results_table(splits: dict, penalties: dict, table: masks.Table) -> str:
+def _results_table(splits: dict, in_loss: dict, decay: dict, table: Any) -> str:
     lines = [f"{'split':<6} {'accuracy':>9} {'loss':>9}"]
     lines += [f"{k:<6} {v['accuracy']:>9.4f} {v['loss']:>9.4f}" for k, v in splits.items()]
-    lines += [f"{k}: {v:.6g}" for k, v in penalties.items()]
+    lines += [f"penalty in the loss {k}: {v:.6g}" for k, v in in_loss.items()]
+    if "per_step_factor_first" in decay:
+        lines.append(
+            f"weight decay ({decay['kind']}): λ = {decay['lambda']:g}, coupling "
+            f"{decay['lr_coupling']}, per-step factor c·λ = {decay['per_step_factor_first']:.3g}"
+            f" (first step) … {decay['per_step_factor_last']:.3g} (last)"
+        )
+    else:
+        lines.append(f"weight decay ({decay['kind']}): λ = {decay['lambda']:g}")
+    lines.append(
+        f"weight norm: decayed {decay['weight_norm_decayed']:.4g}, "
+        f"other {decay['weight_norm_other']:.4g}"
+    )
     lines.append(f"decayed parameters: {table.decayed:,} of {table.total:,}")
     return "\n".join(lines)
-
-
-def _write_outputs(out: pathlib.Path, history: list[dict], summary: dict) -> None:
-    with open(out / "metrics.jsonl", "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    plot_history(history, out / "curves.png")
-
-
-def plot_history(history: list[dict], path: pathlib.Path) -> None:
-    """Loss, accuracy and weight-norm curves per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = (
-        ("loss", (("loss", "train"), ("val_loss", "val"))),
-        ("accuracy", (("accuracy", "train"), ("val_accuracy", "val"))),
-        ("weight norm", (("weight_norm_decayed", "decayed"), ("weight_norm_other", "not decayed"))),
-    )
-    for ax, (title, series) in zip(axes, panels):
-        for key, label in series:
-            ax.plot(epochs, [r[key] for r in history], label=label)
-        ax.set(title=title, xlabel="epoch")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -365,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         return args.run(args)
-    except (UsageError, ValueError, ImportError, FileNotFoundError) as e:
+    except (UsageError, ValueError, TypeError, ImportError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"wdjax: error: {message}", file=sys.stderr)
         return 2

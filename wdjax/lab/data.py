@@ -127,7 +127,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         dims = "x".join(map(str, shape))
         what = "truncated" if got < want else "trailing bytes in"
         raise DataError(
-            f"{path}: {what} IDX file: header says {dims} {dtype.name} = {want} data bytes, found {got}"
+            f"{path}: {what} IDX file: header says {dims} {dtype.name} = {want} data bytes, "
+            f"found {got}"
         )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -356,9 +357,9 @@ def load(
       Keras-style ``<name>.npz``, looked for in ``DIR`` then ``DIR/mnist`` for mnist, and in
       ``DIR/fashion_mnist`` then ``DIR`` for fashion_mnist. ``DIR`` is ``data_dir``, else
       ``$WDJAX_DATA``, else ``~/.cache/wdjax``. The official train set is split into train/val
-      (``val_fraction``; ``test_fraction`` unused) and t10k is the test set; if only the t10k files exist, those 10k images
-      are split into train/val/test by the fractions (stratified, seeded). A directory's
-      ``MD5SUMS`` file is checked for the files read. With ``download=True`` and nothing found,
+      (``val_fraction``; ``test_fraction`` unused) and t10k is the test set; if only the
+      t10k files exist, those 10k images are split into train/val/test by the fractions
+      (stratified, seeded). A directory's ``MD5SUMS`` file is checked for the files read. With ``download=True`` and nothing found,
       the files are downloaded into ``DIR/<name>`` first.
     - ``xor``: the 4 XOR points, x of shape (4, 2), used as train, val and test.
     """

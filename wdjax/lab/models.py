@@ -17,8 +17,6 @@ from wdjax.lab import ops
 Params = dict[str, Any]
 ModelState = dict[str, Any]
 
-MODELS = ("mlp", "cnn")
-
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": jax.nn.gelu,
@@ -129,7 +127,27 @@ class _CNN(nnx.Module):
         return self.head(x)
 
 
-_MODULES: dict[str, type[nnx.Module]] = {"mlp": _MLP, "cnn": _CNN}
+@dataclass(frozen=True)
+class Entry:
+    """A registered model: its factory (whose keyword arguments are the model's config)
+    and the ``nnx.Module`` class it builds."""
+
+    factory: Callable[..., Model]
+    module: type[nnx.Module]
+
+
+REGISTRY: dict[str, Entry] = {}  # filled by @register; the one list of models
+
+
+def register(name: str, module: type[nnx.Module]) -> Callable:
+    """Register a factory ``f(*, input_shape, num_classes, **config) -> Model`` under
+    ``name``, building ``module``: the one step that adds a model to the lab and CLI."""
+
+    def add(factory: Callable[..., Model]) -> Callable[..., Model]:
+        REGISTRY[name] = Entry(factory, module)
+        return factory
+
+    return add
 
 
 def _to_state(template: nnx.State, pure: dict[str, Any], what: str) -> nnx.State:
@@ -166,8 +184,8 @@ class Model:
     _model_state: nnx.State = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.name not in _MODULES:
-            raise ValueError(f"unknown model {self.name!r}; valid: {', '.join(MODELS)}")
+        if self.name not in REGISTRY:
+            raise ValueError(f"unknown model {self.name!r}; valid: {', '.join(REGISTRY)}")
         abstract = nnx.eval_shape(lambda: self._module(nnx.Rngs(params=0)))
         graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
         object.__setattr__(self, "_graphdef", graphdef)
@@ -175,7 +193,7 @@ class Model:
         object.__setattr__(self, "_model_state", model_state)
 
     def _module(self, rngs: nnx.Rngs) -> nnx.Module:
-        return _MODULES[self.name](
+        return REGISTRY[self.name].module(
             self.input_shape, self.num_classes, rngs=rngs, **dict(self.config)
         )
 
@@ -216,6 +234,7 @@ class Model:
         return logits.astype(jnp.float32), model_state
 
 
+@register("mlp", _MLP)
 def mlp(
     *,
     input_shape: tuple[int, ...],
@@ -235,6 +254,7 @@ def mlp(
     return Model("mlp", tuple(input_shape), num_classes, tuple(config.items()))
 
 
+@register("cnn", _CNN)
 def cnn(
     *,
     input_shape: tuple[int, ...],
@@ -254,19 +274,25 @@ def cnn(
     return Model("cnn", tuple(input_shape), num_classes, tuple(config.items()))
 
 
-_FACTORIES: dict[str, Callable[..., Model]] = {"mlp": mlp, "cnn": cnn}
+MODELS = tuple(REGISTRY)
+
+
+def config_names(name: str) -> list[str]:
+    """The config keywords of model ``name``: its factory's, less the data's shapes."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(REGISTRY)}")
+    params = inspect.signature(REGISTRY[name].factory).parameters
+    return [p for p in params if p not in ("input_shape", "num_classes")]
 
 
 def create(
     name: str, *, input_shape: tuple[int, ...], num_classes: int = 10, **config: Any
 ) -> Model:
-    """Build model ``name`` (one of ``MODELS``) with its factory's keyword ``config``."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    factory = _FACTORIES[name]
-    fixed = ("input_shape", "num_classes")
-    valid = [p for p in inspect.signature(factory).parameters if p not in fixed]
+    """Build model ``name`` (a key of :data:`REGISTRY`) with its factory's keyword
+    ``config``; unknown keys raise ``ValueError`` listing the valid ones."""
+    valid = config_names(name)
     unknown = sorted(set(config) - set(valid))
     if unknown:
         raise ValueError(f"unknown config for {name}: {unknown}; valid: {', '.join(valid)}")
+    factory = REGISTRY[name].factory
     return factory(input_shape=input_shape, num_classes=num_classes, **config)

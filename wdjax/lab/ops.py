@@ -44,7 +44,7 @@ def _conv2d_bwd(padding, res, dy):
         jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2),
         ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
     )
-    # ∂w[i, j, c, o] = Σ_{n,h,w} x_pad[n, h+i, w+j, c]·dy[n, h, w, o]: the batch is the contracted dim.
+    # ∂w[i, j, c, o] = Σ_{n,h,w} x_pad[n, h+i, w+j, c]·dy[n, h, w, o]: the batch is contracted.
     dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding).transpose(1, 2, 0, 3)
     return dx, dw
 
@@ -52,8 +52,17 @@ def _conv2d_bwd(padding, res, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, **kwargs: Any) -> jax.Array:  # fmt: skip
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Any,
+    padding: Any,
+    lhs_dilation: Any = None,
+    rhs_dilation: Any = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    **kwargs: Any,
+) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` (``nnx.Conv(conv_general_dilated=...)``):
     the plain 2-D case (stride 1, no dilation, one group, NHWC/HWIO) goes through
     :func:`conv2d`; anything else falls through to ``lax`` unchanged."""
@@ -66,8 +75,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and not any(v is not None for k, v in kwargs.items() if k != "precision")
     )
     if not plain:
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                            dimension_numbers, feature_group_count, **kwargs)  # fmt: skip
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+            dimension_numbers, feature_group_count, **kwargs,
+        )  # fmt: skip
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
     return conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))

@@ -64,6 +64,12 @@ def write_json(doc: Any, path: str | os.PathLike) -> None:
         json.dump(finite(doc), f, indent=1)
 
 
+def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> None:
+    """One JSON object a line (non-finite floats as null)."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(finite(r)) + "\n" for r in records)
+
+
 # ------------------------------------------------------------------ training runs
 
 

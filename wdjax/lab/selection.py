@@ -1,9 +1,10 @@
 """Summaries of repeated runs and the choice of a setting from them.
 
 A *setting* is one point of a hyperparameter grid, a dict that carries its own
-hyperparameters by name (``{"weight_decay": 1e-3, "learning_rate": 1e-2, ...}``); its ``r`` runs (seeds × folds) are summarized per final metric ``m`` by the mean
-``x̄``, the sample standard deviation ``s`` and the standard error ``s/√r``, stored as
-``m_mean``, ``m_std`` and ``m_se``.
+hyperparameters by name (``{"weight_decay": 1e-3, "learning_rate": 1e-2, ...}``); its
+``r`` runs (seeds × folds) are summarized per final metric ``m`` by the mean ``x̄``,
+the sample standard deviation ``s`` and the standard error ``s/√r``, stored as ``m_mean``,
+``m_std`` and ``m_se``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def select_setting(
     """Index of the chosen setting by the mean of metric ``key`` (NaN never wins).
 
     ``"best"``: the best mean. ``"one_se"``: among the settings that share the best one's
-    other hyperparameters (those in ``names`` but ``along``), the largest ``along`` (λ: the most regularized) whose mean is
-    within one standard error of the best, ``score ≥ score_best − se_best``."""
+    other hyperparameters (those in ``names`` but ``along``), the largest ``along`` (λ:
+    the most regularized) whose mean is within one standard error of the best,
+    ``score ≥ score_best − se_best``."""
     mean = np.array([s[f"{key}_mean"] for s in settings], float)
     score = np.where(np.isnan(mean), -np.inf, mean if maximize else -mean)
     best = int(np.argmax(score))
