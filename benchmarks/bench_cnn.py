@@ -1,6 +1,6 @@
 """Where the CNN's time goes on XLA:CPU: its pieces timed alone in JAX and PyTorch, and the
 backward passes inside ``lax.scan`` (how ``fit`` trains), with JAX's autodiff of the plain
-``lax`` ops (what ``wdjax.ops`` replaces) as the contrast. The earlier investigation (conv
+``lax`` ops (what ``wdjax.lab.ops`` replaces) as the contrast. The earlier investigation (conv
 layouts, im2col, matmul precision, XLA_FLAGS) is in HISTORY.md."""
 
 from __future__ import annotations
@@ -198,12 +198,15 @@ def scan_convs(cfg: Any) -> dict[str, Any]:
         ),
     }
     out = {k: _conv_forms(v.compile().as_text()) for k, v in texts.items()}
-    log("cnn non-canonical convolutions", out, lambda v: f"{v['non_canonical']}/{v['convolutions']}")
+    log(
+        "cnn non-canonical convolutions", out, lambda v: f"{v['non_canonical']}/{v['convolutions']}"
+    )
     return out
 
 
 def check_ops(cfg: Any) -> dict[str, float]:
-    """Max |difference| between ``wdjax.ops`` and the plain ``lax`` ops: values and gradients."""
+    """Max |difference| between ``wdjax.lab.ops`` and the plain ``lax`` ops: values and
+    gradients."""
     a = _arrays(16)
     x, w, p = a["x2"], a["w2"], a["a1"]
     gl = jax.jit(_loss_grad(lax_conv, (0, 1)))(x, w)
@@ -225,7 +228,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "PyTorch; the conv backward passes inside lax.scan "
         f"({cfg.cnn_scan_length} iterations, ms per iteration). lax_autodiff / reduce_window: "
         "JAX's autodiff of the plain lax ops (what nnx.Conv and nnx.max_pool do by default); "
-        "wdjax_ops: wdjax.ops.conv2d / max_pool_2x2, which the wdjax CNN uses",
+        "wdjax_ops: wdjax.lab.ops.conv2d / max_pool_2x2, which the wdjax CNN uses",
         "components": components(cfg),
         "in_scan": in_scan(cfg),
     }
@@ -261,19 +264,20 @@ def _findings(s: dict[str, Any]) -> list[str]:
         slow, fast = med(s2, "lax_autodiff"), med(s2, "wdjax_ops")
         out.append(
             "* **Inside `lax.scan` (how `fit` trains) JAX's autodiff conv backward is "
-            f"{num(slow / fast, '.1f')}× slower than `wdjax.ops.conv2d`'s** ({ms(slow)} vs "
+            f"{num(slow / fast, '.1f')}× slower than `wdjax.lab.ops.conv2d`'s** ({ms(slow)} vs "
             f"{ms(fast)} ms per iteration for conv2's dx+dW): autodiff emits transposed "
             "convolutions that XLA:CPU rewrites into its fast canonical form in a plain `jit` "
             "but not inside a `while` loop (jax-ml/jax#12868), where they run as naive loops. "
-            "`wdjax.ops.conv2d` writes the backward pass as two canonical forward convolutions, "
-            "so every convolution of the library CNN stays canonical, in and out of the scan."
+            "`wdjax.lab.ops.conv2d` writes the backward pass as two canonical forward "
+            "convolutions, so every convolution of the library CNN stays canonical, in and out "
+            "of the scan."
         )
     pool = get(s, "components", POOL)
     if pool:
         out.append(
             "* **Max-pool**: `reduce_window`'s gradient (`select_and_scatter`, scalar loops on "
             f"XLA:CPU) takes {ms(med(pool, 'reduce_window'))} ms for one 28×28×32 pool "
-            "forward+backward; `wdjax.ops.max_pool_2x2` (the max of four strided slices) "
+            "forward+backward; `wdjax.lab.ops.max_pool_2x2` (the max of four strided slices) "
             f"{ms(med(pool, 'wdjax_ops'))} ms; PyTorch {ms(med(pool, 'torch'))} ms."
         )
     parts = []
@@ -301,14 +305,16 @@ def render(s: dict[str, Any]) -> str:
             _pieces_table(s["in_scan"], "wdjax_ops", ".1f"),
         ]
     if s.get("scan_convs"):
-        rows = [[k, str(v["convolutions"]), str(v["non_canonical"])] for k, v in s["scan_convs"].items()]
+        rows = [
+            [k, str(v["convolutions"]), str(v["non_canonical"])] for k, v in s["scan_convs"].items()
+        ]
         out += [
             "### Convolutions XLA:CPU leaves in a slow (non-canonical) form",
             table(["compiled function", "convolutions", f"not `{CANONICAL}`"], rows),
         ]
     if s.get("ops_max_abs_diff"):
         out.append(
-            "Max |difference| between `wdjax.ops` and the plain `lax` ops (values, gradients; "
+            "Max |difference| between `wdjax.lab.ops` and the plain `lax` ops (values, gradients; "
             f"the pool's gradient after a ReLU): {s['ops_max_abs_diff']}."
         )
     findings = _findings(s)

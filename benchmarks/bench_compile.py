@@ -158,8 +158,7 @@ def summary(s: dict[str, Any]) -> list[list[str]]:
     rc = s["recompilation"]
     return [
         [
-            f"5. recompilations after {rc['changes']} changes of λ, η with "
-            "`wdjax.set_hyperparams`",
+            f"5. recompilations after {rc['changes']} changes of λ, η with `wdjax.set_hyperparams`",
             str(rc["wdjax_set_hyperparams_recompiles"]),
             "0",
             yes(rc["met"]),
@@ -169,10 +168,14 @@ def summary(s: dict[str, Any]) -> list[list[str]]:
 
 def render(s: dict[str, Any]) -> str:
     rows = [
-        [name.upper(), code(k), *(num(r[t], ".2f") for t in ("trace_lower_s", "compile_s", "total_s"))]
+        [
+            name.upper(),
+            code(k),
+            *(num(r[t], ".2f") for t in ("trace_lower_s", "compile_s", "total_s")),
+        ]
         for name, e in s["models"].items()
         for k, r in e.items()
-        if isinstance(r, dict)
+        if isinstance(r, dict)  # runs before 2026-11-24 also stored a "what_scan" string
     ]
     rc = s["recompilation"]
     return "\n\n".join(

@@ -19,7 +19,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "what": f"images/s at batch {cfg.batch_size}, AdamW, no decay on biases. jax_step: one "
         "jitted library step per call (metrics included; what fit(scan=False) dispatches); "
         f"jax_scan: train.run_steps (one lax.scan over {cfg.scan_length} steps, as fit runs an "
-        "epoch). The CNN is wdjax's, with wdjax.ops' convolution and max-pool. torch_eager / "
+        "epoch). The CNN is wdjax's, with wdjax.lab.ops' convolution and max-pool. torch_eager / "
         "torch_compile: the same architecture in PyTorch (NCHW), "
         f"torch.set_num_threads({common.TORCH_THREADS}); torch_eager_1thread: one thread, for "
         "reference. The best PyTorch figure is the fastest of all torch contenders.",

@@ -86,11 +86,11 @@ def environment() -> dict[str, Any]:
         "torch_threads": TORCH_THREADS,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "versions": versions(),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -6,23 +6,28 @@
     python -m benchmarks --quick          # smoke run (CI): small sizes, few rounds, results
                                           # to a temporary directory; RESULTS.md untouched
     python -m benchmarks --only overhead throughput --out /tmp/bench
+    python -m benchmarks --render benchmarks/results/<run>.json   # RESULTS.md from a saved
+                                          # run, nothing measured
 
 Benchmarks (each runs its contenders interleaved in one process after warm-up and
-compilation, and reports median, quartiles, min and max; see ``timing.py``):
+compilation, and reports median, quartiles, min and max; see ``timing.py``). Each module
+has ``run(cfg)`` (measure), ``summary(result)`` and ``render(result)`` (its rows of the
+summary table and its section of RESULTS.md; ``report.py`` assembles them):
 
-1. ``overhead``: the library's train step vs a hand-written ``optax.adamw(mask=...)`` step;
-2. ``throughput``: images/s vs PyTorch eager and ``torch.compile``;
-3. ``bandwidth``: AdamW + masked decay update, bytes/s vs an in-place copy;
-4. ``sweep``: ``benchmarks/sweep_vs_sequential.py``'s ``main`` (if present);
-5. ``compile``: compile time, recompilations when λ or η change;
-6. ``cnn``: where the CNN's time goes on XLA:CPU (pieces, backward passes in ``lax.scan``).
+1. ``overhead`` (``bench_overhead.py``): the library's train step vs a hand-written
+   ``optax.adamw(mask=...)`` step;
+2. ``throughput`` (``bench_throughput.py``): images/s vs PyTorch eager and ``torch.compile``;
+3. ``bandwidth`` (``bench_bandwidth.py``): AdamW + masked decay update, bytes/s vs an
+   in-place copy;
+4. ``sweep`` (``sweep_vs_sequential.py``): ``wdjax.sweep`` vs the same runs one by one;
+5. ``compile`` (``bench_compile.py``): compile time, recompilations when λ or η change;
+6. ``cnn`` (``bench_cnn.py``): where the CNN's time goes on XLA:CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -33,92 +38,61 @@ import time
 import traceback
 from typing import Any
 
-ALL = ("overhead", "throughput", "bandwidth", "sweep", "compile", "cnn")
-HERE = os.path.dirname(os.path.abspath(__file__))
+from benchmarks import report
+
+ALL = tuple(report.SECTIONS)
+HERE = report.HERE
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
+    """Sizes and rounds of a run: the full run's by default; :func:`quick` for a smoke run.
+    Per-model settings are keyed by model name ("mlp", "cnn")."""
+
     quick: bool = False
     torch_compile: bool = True
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return ("mlp",) if self.quick else ("mlp", "cnn")
-
-    @property
-    def batch_size(self) -> int:
-        return 32 if self.quick else 128
-
-    @property
-    def scan_length(self) -> int:
-        return 2 if self.quick else 6
-
-    @property
-    def overhead_rounds(self) -> dict[str, int]:
-        return {"mlp": 3, "cnn": 2} if self.quick else {"mlp": 40, "cnn": 8}
-
-    @property
-    def overhead_number(self) -> dict[str, int]:
-        return {"mlp": 2, "cnn": 1} if self.quick else {"mlp": 10, "cnn": 2}
-
-    @property
-    def throughput_rounds(self) -> dict[str, int]:
-        return {"mlp": 3, "cnn": 2} if self.quick else {"mlp": 15, "cnn": 5}
-
-    @property
-    def bandwidth_sizes(self) -> tuple[int, ...]:
-        return (1 << 18,) if self.quick else (10_000_000, 100_000_000)
-
-    @property
-    def bandwidth_rounds(self) -> int:
-        return 3 if self.quick else 10
+    models: tuple[str, ...] = ("mlp", "cnn")
+    batch_size: int = 128
+    scan_length: int = 6  # steps per lax.scan call (throughput, compile)
+    overhead_rounds: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"mlp": 40, "cnn": 8}
+    )
+    overhead_number: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"mlp": 10, "cnn": 2}
+    )
+    throughput_rounds: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"mlp": 15, "cnn": 5}
+    )
+    bandwidth_sizes: tuple[int, ...] = (10_000_000, 100_000_000)
+    bandwidth_rounds: int = 10
+    compile_repeats: int = 2
+    cnn_rounds: int = 10
+    cnn_number: int = 3
+    cnn_scan_length: int = 4
 
     def bandwidth_number(self, n: int) -> int:
+        """Calls per timed sample for ``n`` parameters: about 20M parameters in all, 1 to 20."""
         return max(1, min(20, 20_000_000 // max(n, 1)))
 
-    @property
-    def compile_repeats(self) -> int:
-        return 1 if self.quick else 2
 
-    @property
-    def cnn_rounds(self) -> int:
-        return 2 if self.quick else 10
-
-    @property
-    def cnn_number(self) -> int:
-        return 1 if self.quick else 3
-
-    @property
-    def cnn_scan_length(self) -> int:
-        return 2 if self.quick else 4
-
-    @property
-    def sweep_argv(self) -> list[str]:
-        return ["--quick"] if self.quick else []
-
-
-def run_sweep(cfg: Config) -> dict[str, Any]:
-    path = os.path.join(HERE, "sweep_vs_sequential.py")
-    if (
-        not os.path.exists(path)
-        or importlib.util.find_spec("benchmarks.sweep_vs_sequential") is None
-    ):
-        return {"status": "not available yet"}
-    from benchmarks import sweep_vs_sequential
-
-    if not hasattr(sweep_vs_sequential, "main"):
-        return {"status": "not available yet (no main)"}
-    argv = cfg.sweep_argv
-    result = sweep_vs_sequential.main(argv)
-    return {"status": "ok", "argv": argv, "result": result}
-
-
-def _run_one(name: str, cfg: Config) -> dict[str, Any]:
-    if name == "sweep":
-        return run_sweep(cfg)
-    module = importlib.import_module(f"benchmarks.bench_{name}")
-    return module.run(cfg)
+def quick() -> Config:
+    """The smoke run: the MLP only, small sizes, few rounds, no ``torch.compile``."""
+    return Config(
+        quick=True,
+        torch_compile=False,
+        models=("mlp",),
+        batch_size=32,
+        scan_length=2,
+        overhead_rounds={"mlp": 3},
+        overhead_number={"mlp": 2},
+        throughput_rounds={"mlp": 3},
+        bandwidth_sizes=(1 << 18,),
+        bandwidth_rounds=3,
+        compile_repeats=1,
+        cnn_rounds=2,
+        cnn_number=1,
+        cnn_scan_length=2,
+    )
 
 
 def jsonable(x: Any) -> Any:
@@ -138,6 +112,41 @@ def jsonable(x: Any) -> Any:
     return str(x)
 
 
+def measure(cfg: Config, only: tuple[str, ...], command: str) -> dict[str, Any]:
+    """Run the benchmarks ``only``; a failure is recorded in its entry and the run goes on."""
+    import jax
+
+    from benchmarks import common
+
+    env = common.environment()
+    print(
+        f"wdjax benchmarks ({'quick' if cfg.quick else 'full'}) on {env['device']}, "
+        f"{env['cpu']}, {env['cpu_count']} cores, load {env['loadavg_start']}; "
+        f"jax {jax.__version__}",
+        flush=True,
+    )
+    meta = {
+        **env,
+        "command": command,
+        "mode": "quick" if cfg.quick else "full",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    }
+    results: dict[str, Any] = {"meta": meta, "benchmarks": {}}
+    t_all = time.perf_counter()
+    for name in only:
+        print(f"[{name}]", flush=True)
+        t0 = time.perf_counter()
+        try:
+            entry = report.section_module(name).run(cfg)
+        except Exception as e:  # record it and go on with the others
+            traceback.print_exc()
+            entry = {"status": "error", "error": f"{type(e).__name__}: {e}"}
+        results["benchmarks"][name] = {**entry, "elapsed_s": time.perf_counter() - t0}
+    meta["elapsed_s"] = time.perf_counter() - t_all
+    meta["loadavg_end"] = common.loadavg()
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -154,7 +163,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--markdown",
         default=None,
-        help="where to write the table (default: benchmarks/RESULTS.md; --quick: none)",
+        help="where to write the report (default: benchmarks/RESULTS.md; --quick: none)",
+    )
+    p.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="measure nothing: render the report of this saved run (to --markdown)",
     )
     p.add_argument(
         "--no-torch-compile", action="store_true", help="skip torch.compile (slow to compile)"
@@ -162,68 +177,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--omp-wait-policy",
         default="PASSIVE",
-        help="OMP_WAIT_POLICY for PyTorch's OpenMP threads, "
-        "set before torch is imported (default PASSIVE: with ACTIVE, PyTorch's spinning threads collapse "
-        "when other processes load the cores; '' leaves the environment alone)",
+        help="OMP_WAIT_POLICY for PyTorch's OpenMP threads, set before torch is imported "
+        "(default PASSIVE: with ACTIVE, PyTorch's spinning threads collapse when other "
+        "processes load the cores; '' leaves the environment alone)",
     )
     args = p.parse_args(argv)
-    if args.omp_wait_policy and "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
-    cfg = Config(
-        quick=args.quick,
-        torch_compile=not (args.quick or args.no_torch_compile),
-    )
-
-    import jax
-
-    from benchmarks import common, report
-
-    command = "python -m benchmarks" + ("" if not argv else " " + shlex.join(argv))
-    env = common.environment()
-    print(
-        f"wdjax benchmarks ({'quick' if cfg.quick else 'full'}) on {env['device']}, {env['cpu']}, "
-        f"{env['cpu_count']} cores, load {env['loadavg_start']}; jax {jax.__version__}",
-        flush=True,
-    )
-    results: dict[str, Any] = {
-        "meta": {
-            **env,
-            "command": command,
-            "mode": "quick" if cfg.quick else "full",
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        },
-        "benchmarks": {},
-    }
-    t_all = time.perf_counter()
-    for name in args.only:
-        print(f"[{name}]", flush=True)
-        t0 = time.perf_counter()
-        try:
-            results["benchmarks"][name] = _run_one(name, cfg)
-        except Exception as e:  # record it and go on with the others
-            traceback.print_exc()
-            results["benchmarks"][name] = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-        results["benchmarks"][name]["elapsed_s"] = time.perf_counter() - t0
-    results["meta"]["elapsed_s"] = time.perf_counter() - t_all
-    results["meta"]["loadavg_end"] = common._loadavg()
-
-    out_dir = args.out or (
-        tempfile.mkdtemp(prefix="wdjax-bench-") if cfg.quick else os.path.join(HERE, "results")
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(
-        out_dir, f"{env['device_slug']}-{env['date']}{'-quick' if cfg.quick else ''}.json"
-    )
-    with open(path, "w") as f:
-        json.dump(jsonable(results), f, indent=1)
-    results["meta"]["json_path"] = path
-    markdown = args.markdown or (None if cfg.quick else os.path.join(HERE, "RESULTS.md"))
+    if args.render:
+        with open(args.render) as f:
+            results = json.load(f)
+        results["meta"]["json_path"] = args.render
+        markdown = args.markdown or os.path.join(HERE, "RESULTS.md")
+    else:
+        if args.omp_wait_policy and "torch" not in sys.modules:
+            os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
+        cfg = quick() if args.quick else Config(torch_compile=not args.no_torch_compile)
+        command = "python -m benchmarks" + ("" if not argv else " " + shlex.join(argv))
+        # plain JSON types from here on, so RESULTS.md is the render of the saved JSON
+        results = jsonable(measure(cfg, tuple(args.only), command))
+        out_dir = args.out or (
+            tempfile.mkdtemp(prefix="wdjax-bench-") if cfg.quick else os.path.join(HERE, "results")
+        )
+        os.makedirs(out_dir, exist_ok=True)
+        env = results["meta"]
+        path = os.path.join(
+            out_dir, f"{env['device_slug']}-{env['date']}{'-quick' if cfg.quick else ''}.json"
+        )
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        results["meta"]["json_path"] = path
+        markdown = args.markdown or (None if cfg.quick else os.path.join(HERE, "RESULTS.md"))
     text = report.render(results)
     if markdown:
         with open(markdown, "w") as f:
             f.write(text)
     print(report.summary(results))
-    print(f"results: {path}" + (f"; table: {markdown}" if markdown else ""), flush=True)
+    print(
+        f"results: {results['meta']['json_path']}" + (f"; report: {markdown}" if markdown else "")
+    )
     return results
 
 

@@ -5,7 +5,7 @@ each epoch followed by a validation pass — in one process, timed in interleave
 (see ``timing.py``). Two comparisons:
 
 (a) **as a user runs them, compilation included**: one ``wdjax.sweep(...)`` call vs K
-    ``wdjax.train.fit(model, wdjax.adamw(η, λ), ...)`` calls. Each ``fit`` call builds
+    ``wdjax.lab.train.fit(model, wdjax.adamw(η, λ), ...)`` calls. Each ``fit`` call builds
     its own step function and so compiles its own program: K compilations. The sweep's
     program cache is cleared before each sweep call, so it compiles too (once, for all
     K members), as in a fresh process.
@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 
 import wdjax
 from benchmarks import common
-from benchmarks.report import code, num, timing_table, yes
+from benchmarks.report import num, ratios, timing_table, yes
 from benchmarks.timing import interleaved, log, ratio
 from wdjax import optimizers
 from wdjax.lab import data, models, sweeps, train
@@ -97,21 +97,15 @@ _run = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
 
 
 def _plain_step(model: models.Model, opt: optax.GradientTransformation):
-    """A minimal step (loss, grad, update; no skip of non-finite steps, no metrics but the
-    loss): the contrast for what the library's step costs under ``vmap``."""
+    """``common.hand_step`` on a TrainState (loss, grad, update; no skip of non-finite steps,
+    no metrics but the loss): the contrast for what the library's step costs under ``vmap``."""
 
     def step(state: train.TrainState, batch: dict) -> tuple[train.TrainState, dict]:
-        def loss(p):
-            logits, _ = model.apply(p, state.model_state, batch["x"], train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
-        value, grads = jax.value_and_grad(loss)(state.params)
-        updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        return state._replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-        ), {"loss": value}
+        hand = common.hand_step(model, state.model_state, opt)
+        params, opt_state, loss = hand(state.params, state.opt_state, batch["x"], batch["y"])
+        return state._replace(step=state.step + 1, params=params, opt_state=opt_state), {
+            "loss": loss
+        }
 
     return step
 
@@ -151,9 +145,9 @@ def epoch_anatomy(
             [f(one) for _ in weight_decays]
         )
     res = interleaved(contenders, rounds=rounds, warmup=1)
-    ratios = {name: ratio(res, f"{name}/vmap", f"{name}/sequential") for name in steps}
-    log("sweep epoch anatomy, vmap / sequential", ratios, num)
-    return {"steps_per_epoch": length, "contenders": res, "ratios": ratios}
+    per_step = {name: ratio(res, f"{name}/vmap", f"{name}/sequential") for name in steps}
+    log("sweep epoch anatomy, vmap / sequential", per_step, num)
+    return {"steps_per_epoch": length, "contenders": res, "ratios": per_step}
 
 
 def _relative_diff(a: Any, b: Any) -> float:
@@ -339,7 +333,7 @@ def render(s: dict[str, Any]) -> str:
     k = r["members"]
     rows = {
         "(a) `wdjax.sweep(...)`, compiling its program": r["user"]["sweep"],
-        f"(a) {k} `wdjax.train.fit(...)` calls, each compiling its own program": r["user"][
+        f"(a) {k} `wdjax.lab.train.fit(...)` calls, each compiling its own program": r["user"][
             "fit_calls"
         ],
         "(b) `wdjax.sweep(...)`, program already compiled": r["warm"]["sweep"],
@@ -381,7 +375,7 @@ def render(s: dict[str, Any]) -> str:
             "unbatched calls, for the library step, the same without per-step weight metrics, "
             "and a minimal step (no skip, loss only):",
             timing_table(an["contenders"]),
-            "vmap / sequential: " + "; ".join(f"{n} {num(v)}" for n, v in an["ratios"].items()),
+            f"vmap / sequential: {ratios(an['ratios'])}.",
         ]
     if not r["met_warm"]:
         text = (
@@ -401,6 +395,8 @@ def render(s: dict[str, Any]) -> str:
                 + " from `vmap` here. (Under `vmap` the step's `lax.cond` skip, with a "
                 "per-member predicate, becomes a select that computes both branches.)"
             )
+        else:
+            text += "."
         out.append(
             text + f" What the sweep saves on this machine is compilation (4a: "
             f"{num(r['ratio_user'])}), not compute."

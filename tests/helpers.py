@@ -261,17 +261,20 @@ def float_trees(draw: Any, min_ndim: int = 0, dtypes: tuple = FLOAT_DTYPES) -> t
 
 @st.composite
 def float_arrays(
-    draw: Any, min_ndim: int = 1, max_ndim: int = 3, max_side: int = 5, scale: float = 2.0
+    draw: Any,
+    min_ndim: int = 1,
+    max_ndim: int = 3,
+    max_side: int = 5,
+    scale: float = 2.0,
+    shape: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """A float32 array of random shape with finite values in ``[-scale, scale]``, with
-    some exact zeros and repeated values (hypothesis' corner cases)."""
-    shape = tuple(
-        draw(st.lists(st.integers(1, max_side), min_size=min_ndim, max_size=max_ndim))
-    )
+    """A float32 array (of ``shape``, or a random one) with finite values in
+    ``[-scale, scale]``, exact zeros and repeats included (hypothesis' corner cases)."""
+    if shape is None:
+        sides = st.lists(st.integers(1, max_side), min_size=min_ndim, max_size=max_ndim)
+        shape = tuple(draw(sides))
     size = int(np.prod(shape))
     values = draw(
-        st.lists(
-            st.floats(-scale, scale, allow_nan=False, width=32), min_size=size, max_size=size
-        )
+        st.lists(st.floats(-scale, scale, allow_nan=False, width=32), min_size=size, max_size=size)
     )
     return np.asarray(values, np.float32).reshape(shape)

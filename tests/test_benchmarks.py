@@ -1,21 +1,36 @@
-"""Smoke test of the benchmark runner: ``python -m benchmarks --quick`` in a temp dir.
+"""The benchmark runner and its report: a quick run (``python -m benchmarks --quick``) into a
+temp dir, and every section of RESULTS.md rendered from the run it cites.
 
-Asserts that every benchmark produced its entries with finite numbers; nothing asserts a
-time. ``RESULTS.md`` is not touched in quick mode."""
+Nothing asserts a time: the quick run checks that every benchmark produced its entries with
+finite numbers, and that the report it writes has each section with its table."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 
 import pytest
 
-pytest.importorskip("torch")
+from benchmarks import report, run
 
-from benchmarks import run  # noqa: E402
-
-RESULTS_MD = os.path.join(os.path.dirname(run.HERE), "benchmarks", "RESULTS.md")
+RESULTS_MD = os.path.join(report.HERE, "RESULTS.md")
+META = {
+    "command": "python -m benchmarks",
+    "mode": "full",
+    "time": "t",
+    "device": "cpu",
+    "cpu": "c",
+    "cpu_count": 2,
+    "jax_devices": 1,
+    "versions": dict.fromkeys(
+        ("jax", "jaxlib", "optax", "flax", "torch", "numpy", "python", "wdjax"), "0"
+    ),
+    "torch_threads": 2,
+    "xla_flags": "",
+    "loadavg_start": None,
+}
 
 
 def _numbers(tree, path=""):
@@ -41,27 +56,46 @@ def _timing(entry):
     assert entry["rounds"] >= 1
 
 
+def _sections(text: str) -> dict[str, str]:
+    """``{heading: body}`` of the report's ``## `` sections."""
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _has_table(body: str, head: list[str]) -> None:
+    line = "| " + " | ".join(head) + " |"
+    assert line in body, (line, body)
+    assert "|---|" in body
+
+
+def _cited_run() -> tuple[str, dict]:
+    """The results JSON RESULTS.md names, and its contents."""
+    with open(RESULTS_MD) as f:
+        path = re.search(r"^\* results: `([^`]+)`", f.read(), re.M).group(1)
+    path = os.path.join(os.path.dirname(report.HERE), path)
+    with open(path) as f:
+        return path, json.load(f)
+
+
 @pytest.mark.slow
 def test_quick_run(tmp_path):
-    md_before = os.path.getmtime(RESULTS_MD) if os.path.exists(RESULTS_MD) else None
-    results = run.main(["--quick", "--out", str(tmp_path)])
-    if md_before is not None:
-        assert os.path.getmtime(RESULTS_MD) == md_before  # --quick leaves RESULTS.md alone
-    else:
-        assert not os.path.exists(RESULTS_MD)
+    pytest.importorskip("torch")
+    md_before = os.path.getmtime(RESULTS_MD)
+    markdown = tmp_path / "RESULTS.md"
+    results = run.main(["--quick", "--out", str(tmp_path), "--markdown", str(markdown)])
+    assert os.path.getmtime(RESULTS_MD) == md_before  # the repo's report is left alone
 
-    files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1
-    saved = json.loads(files[0].read_text())
+    (saved,) = tmp_path.glob("*.json")
+    saved = json.loads(saved.read_text())
     assert saved["meta"]["mode"] == "quick"
     for key in ("jax", "jaxlib", "optax", "flax", "torch"):
         assert saved["meta"]["versions"][key]
 
     b = results["benchmarks"]
-    for name in ("overhead", "throughput", "bandwidth", "sweep", "compile", "cnn"):
-        assert name in b, name
-        assert b[name].get("status") != "error", b[name]
-        _all_finite(b[name])
+    assert list(b) == list(report.SECTIONS)
+    for name, entry in b.items():
+        assert entry.get("status") != "error", (name, entry)
+        _all_finite(entry)
 
     mlp = b["overhead"]["models"]["mlp"]
     for c in ("optax", "wdjax_optimizer_minimal", "wdjax_step", "wdjax_step_no_weight_metrics"):
@@ -78,9 +112,7 @@ def test_quick_run(tmp_path):
         assert size["contenders"][c]["GB_per_s"] > 0
     assert size["ratios"]["wdjax_adamw/copy"] > 0
 
-    sweep = b["sweep"]
-    assert sweep["status"] == "ok", sweep
-    r = sweep["result"]
+    r = b["sweep"]["result"]
     for side, names in (("user", ("sweep", "fit_calls")), ("warm", ("sweep", "sequential"))):
         for c in names:
             _timing(r[side][c])
@@ -101,27 +133,57 @@ def test_quick_run(tmp_path):
     for c in ("lax_autodiff", "wdjax_ops"):
         _timing(scan[c])
 
+    # the report it wrote: the header, the summary and every section with its table
+    text = markdown.read_text()
+    assert text.startswith("# wdjax benchmarks") and str(tmp_path) in text
+    sections = _sections(text)
+    assert list(sections) == ["Summary"] + [report.section_module(n).TITLE for n in report.SECTIONS]
+    _has_table(sections["Summary"], report.SUMMARY_HEAD)
+    for body in list(sections.values())[1:]:
+        assert "|---|" in body
 
-def test_report_renders_without_a_run():
-    """The Markdown report renders from a results dict with failed / missing sections."""
-    from benchmarks import report
 
-    meta = {
-        "command": "python -m benchmarks",
-        "mode": "full",
-        "time": "t",
-        "device": "cpu",
-        "cpu": "c",
-        "cpu_count": 2,
-        "jax_devices": 1,
-        "versions": dict.fromkeys(
-            ("jax", "jaxlib", "optax", "flax", "torch", "numpy", "python", "wdjax"), "0"
-        ),
-        "torch_threads": 2,
-        "xla_flags": "",
-        "loadavg_start": None,
+def test_each_section_renders_its_table():
+    """Every module renders its section of the cited full run: heading, table, summary rows."""
+    _, results = _cited_run()
+    heads = {
+        "overhead": ["contender", "median ms", "IQR ms", "min ms", "max ms", "rounds", "× optax"],
+        "throughput": ["contender", "images/s (median)", "IQR", "best round", "rounds"],
+        "bandwidth": ["contender", "median ms", "IQR ms", "min ms", "max ms", "rounds"],
+        "sweep": ["contender", "median s", "IQR s", "min s", "max s", "rounds"],
+        "compile": ["model", "function", "trace+lower s", "compile s", "total s"],
+        "cnn": ["piece", "implementation", "median ms", "IQR ms", "min ms", "max ms"],
     }
+    assert set(heads) == set(report.SECTIONS)
+    for name, head in heads.items():
+        mod = report.section_module(name)
+        text = mod.render(results["benchmarks"][name])
+        assert text.startswith(f"## {mod.TITLE}\n\n"), name
+        assert "\n## " not in text, name  # one section, its own subsections only
+        line = "| " + " | ".join(head)
+        assert line in text, (name, line)
+        for row in mod.summary(results["benchmarks"][name]):
+            assert len(row) == len(report.SUMMARY_HEAD), row
+    assert len(report.summary_rows(results)) >= len(report.SECTIONS) - 1  # cnn has no target
+
+
+def test_results_md_is_the_render_of_the_run_it_cites():
+    """RESULTS.md is exactly what the renderer makes of the JSON it cites: after a change to a
+    ``render``, regenerate it with ``python -m benchmarks --render <that JSON>``."""
+    path, results = _cited_run()
+    results["meta"]["json_path"] = path
+    with open(RESULTS_MD) as f:
+        assert report.render(results) == f.read()
+
+
+def test_failed_and_missing_sections():
+    """A failed benchmark renders as its heading and the error; a missing one not at all."""
     text = report.render(
-        {"meta": meta, "benchmarks": {"overhead": {"status": "error", "error": "x"}}}, before={}
+        {"meta": META, "benchmarks": {"overhead": {"status": "error", "error": "x"}}}
     )
-    assert "# wdjax benchmarks" in text and "Failed: `x`" in text
+    sections = _sections(text)
+    assert text.startswith("# wdjax benchmarks")
+    assert list(sections) == ["Summary", report.section_module("overhead").TITLE]
+    assert "Failed: `x`" in sections[report.section_module("overhead").TITLE]
+    _has_table(sections["Summary"], report.SUMMARY_HEAD)
+    assert report.summary_rows({"meta": META, "benchmarks": {}}) == []

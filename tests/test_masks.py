@@ -396,9 +396,7 @@ def trees_and_selectors(draw, depth: int = 2):
             return masks.match(stem + "*"), {q for q in floats if q.startswith(stem)}
         if kind == "regex":
             part = draw(st.sampled_from(draw(st.sampled_from(paths)).split("/")))
-            return masks.regex(f"(^|/){part}(/|$)"), {
-                q for q in floats if part in q.split("/")
-            }
+            return masks.regex(f"(^|/){part}(/|$)"), {q for q in floats if part in q.split("/")}
         if kind == "default":
             return masks.default(), {p for p, x in named if p in floats and np.ndim(x) >= 2}
         return (masks.ALL, set(floats)) if kind == "ALL" else (masks.NONE, set())

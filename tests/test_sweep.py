@@ -18,18 +18,16 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
-from wdjax.sweeps import (
-    CPU_MEMORY_BUDGET,
-    SweepResult,
-    kfold_rows,
-    member_bytes,
-    memory_budget,
-    select_setting,
-    sweep,
-)
 
-from wdjax import data, models, optimizers, train
+import wdjax
+from wdjax import optimizers
+from wdjax.lab import data, models, train
+from wdjax.lab.folds import kfold_rows
+from wdjax.lab.memory import CPU_MEMORY_BUDGET, member_bytes, memory_budget
+from wdjax.lab.selection import select_setting
+from wdjax.lab.sweeps import SweepResult, sweep
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRID = {
@@ -154,20 +152,33 @@ def test_cross_validation_member_equals_fit_on_its_fold(digits, mlp, cv):
     assert m["val_accuracy"] == pytest.approx(ref.history[-1]["val_accuracy"], abs=1e-6)
 
 
+def _settings(mean, se, wd, lr):
+    return [
+        {"weight_decay": w, "learning_rate": r, "val_m_mean": m, "val_m_se": e}
+        for m, e, w, r in zip(mean, se, wd, lr, strict=True)
+    ]
+
+
 def test_select_best_and_one_standard_error():
-    wd = np.array([0.0, 1e-3, 1e-2, 1e-1, 0.0, 1e-3, 1e-2, 1e-1])
-    group = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # e.g. two learning rates
+    wd = [0.0, 1e-3, 1e-2, 1e-1] * 2
+    lr = [1e-3] * 4 + [1e-2] * 4  # two learning rates: one_se stays within the best's
     mean = np.array([0.90, 0.95, 0.94, 0.80, 0.91, 0.93, 0.96, np.nan])
     se = np.full(8, 0.015)
-    assert select_setting(mean, se, wd, group) == 6
-    assert select_setting(mean, se, wd, group, select="one_se") == 6  # nothing else within 1 SE
+    names = ["weight_decay", "learning_rate"]
+
+    def pick(select, maximize=True, m=mean, e=se):
+        settings = _settings(m, e, wd, lr)
+        return select_setting(settings, "val_m", maximize=maximize, select=select, names=names)
+
+    assert pick("best") == 6
+    assert pick("one_se") == 6  # nothing else within 1 SE
     se[6] = 0.04  # within: 0.93 (λ=1e-3) and 0.96 (λ=1e-2); λ=0.1 is NaN
-    assert select_setting(mean, se, wd, group, select="one_se") == 6
+    assert pick("one_se") == 6
     mean[[3, 7]] = 0.95, 0.93  # λ=0.1 now within in both groups: the best one's group wins
-    assert select_setting(mean, se, wd, group, select="one_se") == 7
-    loss = np.array([0.5, 0.3, 0.31, 0.6])
-    assert select_setting(loss, np.full(4, 0.02), wd[:4], group[:4], metric="loss") == 1
-    assert select_setting(loss, np.full(4, 0.02), wd[:4], group[:4], "loss", "one_se") == 2
+    assert pick("one_se") == 7
+    loss = np.array([0.5, 0.3, 0.31, 0.6] * 2)
+    assert pick("best", False, loss, np.full(8, 0.02)) in (1, 5)
+    assert pick("one_se", False, loss, np.full(8, 0.02)) in (2, 6)
 
 
 def test_cv_one_se_choice_and_plot(cv, tmp_path):
@@ -192,11 +203,12 @@ def test_table_json_and_heatmap(grid, tmp_path):
         "learning_rate",
         "l1",
         "n",
-        "train_acc",
-        "val_acc",
+        "train_loss",
+        "train_accuracy",
+        "val_accuracy",
         "val_loss",
         "weight_norm",
-        "zeros",
+        "zero_fraction",
     ]
     assert len(lines) == 1 + 8 + 1 and lines[1 + grid.chosen_index].lstrip().startswith("*")
     assert lines[-1].startswith("chosen (best mean val_accuracy, 2 run(s) each): weight_decay=")
@@ -205,14 +217,10 @@ def test_table_json_and_heatmap(grid, tmp_path):
         grid, settings=[{**s, "val_loss_mean": math.nan} for s in grid.settings]
     )
     broken.to_json(tmp_path / "sweep.json")
-    doc = json.loads(
-        (tmp_path / "sweep.json").read_text(), parse_constant=pytest.fail
-    )  # strict JSON
-    assert (
-        doc["chosen"] == doc["settings"][grid.chosen_index]
-        and doc["chosen"]["val_loss_mean"] is None
-    )
-    assert doc["config"]["weight_decay"] == [0.0, 0.05] and len(doc["members"]) == 16
+    doc = json.loads((tmp_path / "sweep.json").read_text(), parse_constant=pytest.fail)
+    assert doc["chosen"] == doc["settings"][grid.chosen_index]
+    assert doc["chosen"]["val_loss_mean"] is None  # strict JSON: NaN written as null
+    assert doc["config"]["grid"]["weight_decay"] == [0.0, 0.05] and len(doc["members"]) == 16
     assert np.array(doc["history"]["val_accuracy"]).shape == (16, 2)
 
     fig = grid.plot(tmp_path / "grid.png")  # 2 λ × 2 η: a heatmap
@@ -223,7 +231,13 @@ def test_memory_estimate_and_budget(mlp):
     opt = optimizers.adamw(1e-3, 1e-4)
     state = jax.eval_shape(lambda k: train.init_state(mlp, opt, k), jax.random.PRNGKey(0))
     state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
-    small, large = member_bytes(mlp, opt, 32), member_bytes(mlp, opt, 256)
+    step = train.make_train_step(mlp, opt)
+
+    def batch(n):
+        x = jax.ShapeDtypeStruct((n, *mlp.input_shape), np.float32)
+        return {"x": x, "y": jax.ShapeDtypeStruct((n,), np.int32)}
+
+    small, large = member_bytes(step, state, batch(32)), member_bytes(step, state, batch(256))
     assert state_bytes < small < large
     assert large - small >= 4 * (256 - 32) * 64  # at least the batch's inputs
     if jax.devices()[0].memory_stats() is None:
@@ -235,11 +249,17 @@ def test_memory_estimate_and_budget(mlp):
     [
         ({"weight_decay": []}, "weight_decay needs at least one value"),
         ({"weight_decay": [-1.0]}, "weight_decay must be >= 0"),
+        ({"weight_decay": ["0.1"]}, "weight_decay must be a real number"),
         ({"select": "median"}, "select"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"folds": 1}, "folds must be >= 2"),
         ({"optimizer": "rmsprop"}, "unknown optimizer"),
+        ({"metric": "f1"}, "metric 'f1' is not a validation metric"),
+        ({"optimizer": optax.adamw(1e-3)}, "does not inject"),
+        ({"weight_decay": None, "select": "one_se"}, "sweep weight_decay"),
+        ({"optimizer": wdjax.adamw(1e-3), "optimizer_config": {"b1": 0.8}}, "named optimizers"),
     ],
 )
 def test_bad_arguments(digits, mlp, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        sweep(digits, model=mlp, progress=False, **kwargs)
+        sweep(digits, model=mlp, progress=False, epochs=1, **kwargs)

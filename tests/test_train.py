@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import jax
@@ -12,7 +11,8 @@ import optax
 import pytest
 
 import wdjax
-from wdjax import checkpoint, data, masks, models, train
+from wdjax import masks
+from wdjax.lab import checkpoint, data, models, tasks, train
 
 SHARED_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -95,29 +95,30 @@ def test_non_finite_step_is_skipped_and_counted(digits, small_mlp):
     assert int(good.skipped) == 1 and not _leaves_equal(good.params, state.params)
 
 
-@dataclasses.dataclass(frozen=True)
-class _WithFrozen:
-    """An MLP plus a 2-D leaf the loss never touches: its gradient is exactly zero."""
+def _with_frozen(model: models.Model) -> tasks.Task:
+    """The model's task plus a 2-D leaf the loss never touches: its gradient is exactly 0."""
+    inner = tasks.classifier(model)
 
-    inner: models.Model
-
-    def init(self, key):
-        params, state = self.inner.init(key)
+    def init(key):
+        params, state = inner.init(key)
         return {**params, "frozen": {"kernel": jnp.ones((4, 4))}}, state
 
-    def apply(self, params, model_state, x, *, train, rng=None):
-        return self.inner.apply(
-            {k: v for k, v in params.items() if k != "frozen"}, model_state, x, train=train, rng=rng
-        )
+    def drop(params):
+        return {k: v for k, v in params.items() if k != "frozen"}
+
+    return tasks.Task(
+        init,
+        lambda p, s, b, r: inner.loss(drop(p), s, b, r),
+        lambda p, s, b: inner.per_example(drop(p), s, b),
+    )
 
 
 def test_masked_leaf_with_zero_gradient_stays_identical_to_no_decay(digits, small_mlp):
-    model = _WithFrozen(small_mlp)
+    task = _with_frozen(small_mlp)
 
     def fit(opt):
-        return train.fit(model, opt, digits, epochs=1, batch_size=128, progress=False).state.params[
-            "frozen"
-        ]["kernel"]
+        result = train.fit(task, opt, digits, epochs=1, batch_size=128, progress=False)
+        return result.state.params["frozen"]["kernel"]
 
     decayed = fit(wdjax.adamw(1e-2, 1.0))
     masked = fit(wdjax.adamw(1e-2, 1.0, mask=masks.default() & ~masks.match("frozen/*")))

@@ -1,98 +1,39 @@
 """Tests for wdjax.transforms: the rule of each transform, lr couplings, schedules,
-cautious decay, proximal L1, max-norm, low precision, bad input, the rate-0 identity
-property, and the SGD/Adam equivalences between L2 and decoupled decay.
+cautious decay, proximal L1, max-norm, low precision, bad input, the SGD/Adam
+equivalences between L2 and decoupled decay, and hypothesis properties of
+``max_norm`` (norms capped, idempotent) and ``l1_proximal`` (soft-thresholding).
 
-``init_mlp``, ``mse`` and ``trajectory`` are shared with the optimizer tests."""
+The properties every transform shares (identity at rate 0, masks, dtypes, traced rates,
+bad rates) are in ``test_properties.py``."""
 
 from __future__ import annotations
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import (
+    PROPERTY,
+    ZEROS,
+    P,
+    U,
+    bits,
+    f32,
+    float_arrays,
+    max_rel_err,
+    mse,
+    one_step,
+    trajectory,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-from test_penalties import PROPERTY, f32, float_trees
 
 import wdjax
 from wdjax import masks
-
-# ------------------------------------------------------------ shared helpers
-
-
-def init_mlp(key: jax.Array, sizes=(4, 16, 16, 3)) -> dict:
-    """Plain-pytree params of a small MLP: ``{"dense0": {"kernel", "bias"}, ...}``."""
-    params = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        key, k1, k2 = jax.random.split(key, 3)
-        params[f"dense{i}"] = {
-            "kernel": jax.random.normal(k1, (a, b)) / np.sqrt(a),
-            "bias": 0.1 * jax.random.normal(k2, (b,)),
-        }
-    return params
-
-
-def mse(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    layers = [params[f"dense{i}"] for i in range(len(params))]
-    for layer in layers[:-1]:
-        x = jnp.tanh(x @ layer["kernel"] + layer["bias"])
-    return jnp.mean((x @ layers[-1]["kernel"] + layers[-1]["bias"] - y) ** 2)
-
-
-MLP0 = init_mlp(jax.random.key(0))
-_kx, _ky = jax.random.split(jax.random.key(1))
-BATCHES = (jax.random.normal(_kx, (120, 8, 4)), jax.random.normal(_ky, (120, 8, 3)))
-
-
-def trajectory(
-    tx: optax.GradientTransformation, loss=mse, steps: int = 50, params=MLP0, batches=BATCHES
-):
-    """Params after each of ``steps`` steps on a fixed batch sequence (stacked on axis 0)."""
-
-    @jax.jit
-    def run(params, batches):
-        def body(carry, batch):
-            p, s = carry
-            u, s = tx.update(jax.grad(loss)(p, *batch), s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(body, (params, tx.init(params)), batches)[1]
-
-    return run(params, jax.tree.map(lambda b: b[:steps], batches))
-
-
-def max_rel_err(a, b) -> float:
-    """max over steps and leaves of ‖a_t − b_t‖_∞ / ‖b_t‖_∞."""
-    errs = jax.tree.map(
-        lambda x, y: np.max(
-            np.abs(f32(x) - f32(y)).reshape(len(x), -1).max(1)
-            / np.abs(f32(y)).reshape(len(y), -1).max(1)
-        ),
-        a,
-        b,
-    )
-    return float(max(jax.tree.leaves(errs)))
-
-
-def bits(tree) -> list:
-    return [(x.dtype, x.shape, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree)]
-
-
-P = {
-    "dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "bias": jnp.array([1.0, -1.0])},
-    "head": {"kernel": jnp.array([[2.0], [-4.0]]), "bias": jnp.array([0.25])},
-}
-ZEROS = jax.tree.map(jnp.zeros_like, P)
-U = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).normal(size=x.shape), x.dtype), P)
-
-
-def one_step(tx, updates=U, params=P):
-    return tx.update(updates, tx.init(params), params)[0]
-
 
 # ---------------------------------------------------------------------- rules
 
@@ -106,7 +47,7 @@ def test_add_l2_gradient_adds_rate_times_w_on_selected_leaves():
         out["head"]["kernel"], U["head"]["kernel"] + 0.3 * P["head"]["kernel"], rtol=1e-6
     )
     assert out["dense"]["bias"] is U["dense"]["bias"] and out["head"]["bias"] is U["head"]["bias"]
-    out = one_step(wdjax.add_l2_gradient(masks.rates({"head/*": 2.0}, default=0.5), masks.ALL))
+    out = one_step(wdjax.add_l2_gradient(wdjax.rates({"head/*": 2.0}, default=0.5), masks.ALL))
     np.testing.assert_allclose(
         out["dense"]["bias"], U["dense"]["bias"] + 0.5 * P["dense"]["bias"], rtol=1e-6
     )
@@ -197,7 +138,7 @@ def test_decay_toward_an_anchor():
 
 
 def test_l1_proximal_is_soft_thresholding():
-    out = one_step(wdjax.l1_proximal(0.5, 0.4, masks.ALL))  # threshold η·λ = 0.2
+    out = one_step(wdjax.l1_proximal(0.5, masks.ALL, learning_rate=0.4))  # threshold η·λ = 0.2
     for o, u, w in zip(jax.tree.leaves(out), jax.tree.leaves(U), jax.tree.leaves(P), strict=True):
         z = f32(w) + f32(u)
         np.testing.assert_allclose(
@@ -219,7 +160,11 @@ def test_l1_proximal_gives_exact_zeros_where_the_l1_subgradient_does_not():
 
     lam, lr = 0.2, 0.05
     prox = trajectory(
-        optax.chain(optax.sgd(lr), wdjax.l1_proximal(lam, lr, "w")), loss, 300, params, batches
+        optax.chain(optax.sgd(lr), wdjax.l1_proximal(lam, "w", learning_rate=lr)),
+        loss,
+        300,
+        params,
+        batches,
     )
     sub = trajectory(
         optax.sgd(lr), lambda p, x, y: loss(p, x, y) + wdjax.l1(lam, "w")(p), 300, params, batches
@@ -251,23 +196,6 @@ def test_max_norm_caps_norms_like_keras_and_leaves_others_bitwise():
     assert out["b"] is u["b"]
     out = one_step(wdjax.max_norm(0.5, axis=1, mask="k"), u, w)  # one norm per row
     assert np.all(np.linalg.norm(f32(optax.apply_updates(w, out)["k"]), axis=1) <= 0.5 * (1 + 1e-6))
-
-
-def test_traced_rates_under_jit_and_vmap():
-    lam = jnp.array([0.0, 0.5, 2.0])
-    out = jax.jit(jax.vmap(lambda r: one_step(wdjax.add_l2_gradient(r, masks.ALL), ZEROS)))(lam)
-    for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(P), strict=True):
-        np.testing.assert_allclose(
-            o, np.asarray(lam).reshape(-1, *[1] * w.ndim) * f32(w), rtol=1e-6
-        )
-    out = jax.vmap(
-        lambda r: one_step(wdjax.decoupled_weight_decay(r, masks.ALL, learning_rate=0.5), ZEROS)
-    )(lam)
-    np.testing.assert_allclose(
-        out["head"]["kernel"],
-        -0.5 * np.asarray(lam)[:, None, None] * f32(P["head"]["kernel"]),
-        rtol=1e-6,
-    )
 
 
 # ----------------------------------------------------------------- low precision
@@ -317,34 +245,28 @@ def test_warns_when_the_decay_is_below_the_dtype_resolution(dtype):
 
 
 @pytest.mark.parametrize(
-    ("bad", "msg"), [(-1e-3, "must be >= 0"), (float("nan"), "must be finite")]
+    ("bad", "msg"),
+    [(-1e-3, "must be >= 0"), (float("nan"), "must be finite"), ("0.1", "must be a real")],
 )
-def test_bad_rates_raise(bad, msg):
-    for make in [
-        lambda: wdjax.add_l2_gradient(bad),
-        lambda: wdjax.decoupled_weight_decay(bad, learning_rate=0.1),
-        lambda: wdjax.decoupled_weight_decay({"dense": 0.1, "head": bad}, learning_rate=0.1),
-        lambda: wdjax.decay_toward(P, bad, learning_rate=0.1),
-        lambda: wdjax.l1_proximal(bad, 0.1),
-    ]:
-        with pytest.raises(ValueError, match=f"rate {msg}"):
-            make()
+def test_bad_learning_rates_raise(bad, msg):
+    """Bad rates are table-driven in test_properties.py; these are the other numbers."""
     with pytest.raises(ValueError, match=f"learning_rate {msg}"):
-        wdjax.l1_proximal(0.1, bad)
+        wdjax.l1_proximal(0.1, learning_rate=bad)
     with pytest.raises(ValueError, match=f"learning_rate {msg}"):
         wdjax.decoupled_weight_decay(0.1, learning_rate=bad)
+    with pytest.raises(ValueError, match=f"learning_rate {msg}"):
+        wdjax.decay_toward(P, 0.1, learning_rate=bad)
     with pytest.raises(ValueError, match=f"max_learning_rate {msg}"):
         wdjax.decoupled_weight_decay(
             0.1, learning_rate=0.1, lr_coupling="schedule", max_learning_rate=bad
         )
-    with pytest.raises(ValueError, match=f"max_value {msg}"):
-        wdjax.max_norm(bad)
 
 
 def test_bad_arguments_raise():
     with pytest.raises(
         ValueError,
-        match=r"lr_coupling must be one of \('lr', 'schedule', 'corrected', 'constant'\), got 'linear'",
+        match=r"lr_coupling must be one of \('lr', 'schedule', 'corrected', 'constant'\), "
+        "got 'linear'",
     ):
         wdjax.decoupled_weight_decay(0.1, learning_rate=0.1, lr_coupling="linear")
     sched = optax.cosine_decay_schedule(1e-3, 100)
@@ -364,42 +286,34 @@ def test_bad_arguments_raise():
         ValueError, match="mask tree does not fit the params: no entry for parameter 'head/bias'"
     ):
         wdjax.max_norm(1.0, mask={"dense": True, "head": {"kernel": True}}).init(P)
+    with pytest.raises(ValueError, match="l1_proximal needs learning_rate="):
+        wdjax.l1_proximal(0.1)
 
 
-# ------------------------------------------------------------------ properties
-
-IDENTITY_AT_ZERO = {
-    "add_l2_gradient": lambda r, a: wdjax.add_l2_gradient(r),
-    "decoupled lr": lambda r, a: wdjax.decoupled_weight_decay(r, learning_rate=0.1),
-    "decoupled constant cautious": lambda r, a: wdjax.decoupled_weight_decay(
-        r, lr_coupling="constant", cautious=True
-    ),
-    "decoupled corrected": lambda r, a: wdjax.decoupled_weight_decay(
-        r, learning_rate=0.1, lr_coupling="corrected"
-    ),
-    "decay_toward": lambda r, a: wdjax.decay_toward(a, r, learning_rate=0.1),
-    "l1_proximal": lambda r, a: wdjax.l1_proximal(r, 0.1),
-}
-
-
-@PROPERTY
-@given(data=float_trees(min_ndim=1), zero=st.sampled_from([0, 0.0]))
-def test_rate_zero_is_the_identity_bit_for_bit(data, zero):
-    params, like = data
-    updates, anchor = like(params), like(params)
-
-    def all_updates(r):
-        outs = {}
-        for name, make in IDENTITY_AT_ZERO.items():
-            tx = make(r, anchor)
-            outs[name] = tx.update(updates, tx.init(params), params)[0]
-        return outs
-
-    # a Python 0 is the identity by construction, a traced 0 by arithmetic
-    literal, traced = jax.jit(lambda r: (all_updates(zero), all_updates(r)))(jnp.float32(zero))
-    for name in IDENTITY_AT_ZERO:
-        assert bits(literal[name]) == bits(updates), name
-        assert bits(traced[name]) == bits(updates), name
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: wdjax.add_l2_gradient(0.1),
+        lambda: wdjax.decoupled_weight_decay(0.1, learning_rate=0.1),
+        lambda: wdjax.decay_toward(P, 0.1, learning_rate=0.1),
+        lambda: wdjax.l1_proximal(0.1, learning_rate=0.1),
+        lambda: wdjax.max_norm(1.0),
+    ],
+    ids=["add_l2_gradient", "decoupled", "decay_toward", "l1_proximal", "max_norm"],
+)
+def test_updates_that_do_not_fit_the_params_raise(make):
+    tx = make()
+    state = tx.init(P)
+    transposed = {**U, "dense": {**U["dense"], "bias": U["dense"]["bias"][:, None]}}
+    with pytest.raises(
+        ValueError, match=r"an update has shape \(2, 1\) where its param has \(2,\)"
+    ):
+        tx.update(transposed, state, P)
+    scalar = {**U, "head": {**U["head"], "kernel": jnp.float32(1.0)}}  # would broadcast
+    with pytest.raises(ValueError, match=r"an update has shape \(\) where its param has \(2, 1\)"):
+        tx.update(scalar, state, P)
+    with pytest.raises(ValueError, match="updates do not have the structure of the params"):
+        tx.update({"dense": U["dense"]}, state, P)
 
 
 # -------------------------------------------------------------- equivalences
@@ -434,3 +348,75 @@ def test_adam_l2_in_loss_differs_from_decoupled():
     )
     assert max_rel_err(coupled, in_loss) < 1e-4
     assert max_rel_err(decoupled, in_loss) > 1e-2
+
+
+# ------------------------------------------------------------------ properties
+
+
+def _no_tiny(x: np.ndarray) -> np.ndarray:
+    """Values below 1e-6 in magnitude set to 0, so that no sum of two is subnormal
+    (XLA:CPU may flush subnormals to zero, NumPy does not)."""
+    return np.where(np.abs(x) < 1e-6, np.float32(0), x).astype(np.float32)
+
+
+@st.composite
+def weights_and_updates(draw):
+    """Float32 ``(w, u)`` of one random shape; ``u`` is sometimes all zeros."""
+    w = _no_tiny(draw(float_arrays()))
+    u = draw(float_arrays(shape=w.shape) | st.just(np.zeros_like(w)))
+    return w, _no_tiny(u)
+
+
+@PROPERTY
+@given(
+    wu=weights_and_updates(),
+    lam=st.floats(0.0, 5.0),
+    eta=st.floats(1e-3, 1.0),
+)
+def test_l1_proximal_is_exactly_soft_thresholding(wu, lam, eta):
+    w, u = wu
+    out = one_step(wdjax.l1_proximal(lam, learning_rate=eta), {"w": jnp.asarray(u)},
+                   {"w": jnp.asarray(w)})["w"]  # fmt: skip
+    new = f32(optax.apply_updates({"w": jnp.asarray(w)}, {"w": out})["w"])
+    z = w + u  # float32, as the transform computes it
+    t = np.float32(eta * lam)
+    below = np.abs(z) <= t
+    # exact zeros wherever |w + u| <= η·λ ...
+    assert np.all(new[below] == 0.0)
+    # ... and elsewhere the shrunk value, sign kept: |w⁺| = |z| − η·λ
+    expected = np.sign(z) * np.maximum(np.abs(z) - t, 0)
+    slack = 4 * np.finfo(np.float32).eps * (np.abs(w) + np.abs(z) + t)  # w + (w⁺ − w) rounds
+    assert np.all(np.abs(new - expected) <= slack)
+    assert np.all((np.sign(new) == np.sign(z)) | (new == 0))
+    assert np.all(new[np.abs(z) > t + slack] != 0.0)  # no zeros beyond rounding
+    if lam == 0.0:
+        assert bits(out) == bits(jnp.asarray(u))  # nothing moved: u itself
+
+
+def _axes(ndim: int) -> st.SearchStrategy:
+    single = st.integers(-ndim, ndim - 1)
+    multi = st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True)
+    return single | multi.map(tuple)
+
+
+@PROPERTY
+@given(wu=weights_and_updates(), c=st.floats(0.05, 5.0), data=st.data())
+def test_max_norm_caps_every_norm_and_is_idempotent(wu, c, data):
+    w, u = wu
+    axis = data.draw(_axes(w.ndim))
+    tx = wdjax.max_norm(c, axis=axis)
+    params = {"w": jnp.asarray(w)}
+    out = one_step(tx, {"w": jnp.asarray(u)}, params)
+    new = optax.apply_updates(params, out)
+    norms = np.sqrt(np.sum(f32(new["w"]) ** 2, axis=axis))
+    slack = 8 * np.finfo(np.float32).eps * (c + np.abs(w).max() * np.sqrt(w.size))
+    assert np.all(norms <= c + slack)
+    # where the norm was within c already, the update is u itself, bit for bit
+    z = w + u
+    inside = np.broadcast_to(
+        np.sqrt(np.sum(z * z, axis=axis, keepdims=True)) <= c * (1 - 1e-6), w.shape
+    )
+    np.testing.assert_array_equal(f32(out["w"])[inside], u[inside])
+    # idempotent: projecting again (a zero step) changes nothing
+    again = optax.apply_updates(new, one_step(tx, {"w": jnp.zeros_like(new["w"])}, new))
+    chex.assert_trees_all_close(again, new, rtol=1e-6, atol=1e-7)

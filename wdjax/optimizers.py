@@ -53,6 +53,7 @@ def _build(
 ) -> optax.GradientTransformationExtraArgs:
     """The one place an optimizer's arguments are checked; the chain below is rebuilt
     by ``inject_hyperparams`` at every trace and checks nothing."""
+    groups.check_rate_arg(weight_decay, "weight_decay")  # named in the error, not "rate"
     _validated(weight_decay, mask, learning_rate=learning_rate, max_learning_rate=max_learning_rate)
     if l1 is not None:
         groups.check_rate_arg(l1, "l1")

@@ -359,8 +359,9 @@ def load(
       ``$WDJAX_DATA``, else ``~/.cache/wdjax``. The official train set is split into train/val
       (``val_fraction``; ``test_fraction`` unused) and t10k is the test set; if only the
       t10k files exist, those 10k images are split into train/val/test by the fractions
-      (stratified, seeded). A directory's ``MD5SUMS`` file is checked for the files read. With ``download=True`` and nothing found,
-      the files are downloaded into ``DIR/<name>`` first.
+      (stratified, seeded). A directory's ``MD5SUMS`` file is checked for the files read.
+      With ``download=True`` and nothing found, the files are downloaded into
+      ``DIR/<name>`` first.
     - ``xor``: the 4 XOR points, x of shape (4, 2), used as train, val and test.
     """
     if name == "digits":

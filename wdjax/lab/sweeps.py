@@ -371,13 +371,15 @@ def sweep(
         epochs=epochs, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
     )  # fmt: skip
 
-    final = {k: v[:, -1] for k, v in history.items() if k != "skipped"}
+    final = {k: v[:, -1] for k, v in history.items()}
     members = [
-        {"setting": s, **settings[s], "seed": seed, "fold": fold if folds else None}
+        {"setting": s, "seed": seed, "fold": fold if folds else None}
         | {k: float(v[i]) for k, v in final.items()}
+        | settings[s]  # exact grid values, over the float32 ones the step reports
         for i, (s, seed, fold) in enumerate(runs)
     ]
-    summary = [{**values, **summarize(final, setting_of == s)} for s, values in enumerate(settings)]
+    stats = {k: v for k, v in final.items() if k != "skipped"}
+    summary = [{**values, **summarize(stats, setting_of == s)} for s, values in enumerate(settings)]
     chosen = select_setting(
         summary, f"val_{metric}", maximize=maximize, select=select, names=list(grid)
     )

@@ -83,11 +83,12 @@ def task(
 
     ``init(key) -> params``. ``loss(params, batch) -> scalar`` or ``(scalar, {name:
     scalar})``; a third parameter, if ``loss`` has one, receives a fresh PRNG key each
-    step (for dropout). ``metrics(params, batch) -> {name: (batch,) array}`` gives the
-    validation metrics; by default, the loss of each example on its own."""
+    training step (for dropout) and a fixed one in evaluation. ``metrics(params, batch)
+    -> {name: (batch,) array}`` gives the validation metrics; by default, the loss of
+    each example on its own."""
     takes_rng = len(inspect.signature(loss).parameters) >= 3
 
-    def call(params: Params, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Metrics]:
+    def call(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         out = loss(params, batch, rng) if takes_rng else loss(params, batch)
         return out if isinstance(out, tuple) else (out, {})
 
@@ -99,7 +100,8 @@ def task(
         if metrics is not None:
             return metrics(params, batch)
         one = jax.tree.map(lambda a: a[:, None], batch)  # each example as a batch of one
-        return {"loss": jax.vmap(lambda b: call(params, b, None)[0])(one)}
+        key = jax.random.PRNGKey(0)  # evaluation is deterministic
+        return {"loss": jax.vmap(lambda b: call(params, b, key)[0])(one)}
 
     return Task(lambda key: (init(key), {}), train_loss, per_example, name)
 
