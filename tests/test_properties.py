@@ -229,7 +229,17 @@ def test_identity_at_rate_zero_on_random_trees(data, zero):
 # ------------------------------------------------------------------------ masks
 
 
-@pytest.mark.parametrize("row", _params(ROWS))
+def _row_and_tree_kind() -> list:
+    """Every transform on every kind of tree; the optimizers take turns (they cost more)."""
+    kinds = sorted(TREE_KINDS)
+    out = [pytest.param(r, k, id=f"{r.id}-{k}") for r in TRANSFORMS for k in kinds]
+    out += [
+        pytest.param(r, kinds[i % 3], id=f"{r.id}-{kinds[i % 3]}") for i, r in enumerate(OPTIMIZERS)
+    ]
+    return out
+
+
+@pytest.mark.parametrize(("row", "tree_kind"), _row_and_tree_kind())
 def test_masked_leaves_untouched(row, tree_kind):
     """On a linen dict, an ``nnx.State`` and an Equinox module, with the default mask
     (kernels only): the other leaves' updates are what they are without any decay, bit

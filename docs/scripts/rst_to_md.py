@@ -116,7 +116,9 @@ def directives(docs: Path) -> list[tuple[str, dict]]:
                     break
                 block.append(nxt)
             config = yaml.safe_load(textwrap.dedent("\n".join(block))) or {}
-            found.append((m["ident"], (config.get("options") or {}) if isinstance(config, dict) else {}))
+            found.append(
+                (m["ident"], (config.get("options") or {}) if isinstance(config, dict) else {})
+            )
     return found
 
 
@@ -151,7 +153,9 @@ def build_index(package_dir: Path, docs: Path) -> Index:
         resolve_external=False,
         try_relative_path=False,  # not ./wdjax when another copy is asked for
     )
-    found = Path(package.filepath if not isinstance(package.filepath, list) else package.filepath[0])
+    found = Path(
+        package.filepath if not isinstance(package.filepath, list) else package.filepath[0]
+    )
     if found.resolve().parent != package_dir.resolve():
         sys.exit(f"griffe loaded {package.name} from {found}, not from {package_dir}")
     index = Index(package)
@@ -287,7 +291,9 @@ class Converter:
         if m:
             title, target = m["title"], m["target"]
         target = " ".join(target.split())
-        shown = title or (target.lstrip("~").rpartition(".")[2] if target.startswith("~") else target)
+        shown = title or (
+            target.lstrip("~").rpartition(".")[2] if target.startswith("~") else target
+        )
         shown = shown.lstrip(".")
         res = resolve(self.index, target, scope)
         if res.path is None:
@@ -428,7 +434,9 @@ class Converter:
             if any(fit.width(ln, k + n, len(out)) > fit.limit for n, ln in enumerate(item)):
                 wrapped = wrap_item(item, k, len(out), base, fit)
                 if wrapped is None:
-                    self.report.long.append(f"{where}: a paragraph cannot be wrapped to {fit.limit}")
+                    self.report.long.append(
+                        f"{where}: a paragraph cannot be wrapped to {fit.limit}"
+                    )
                     wrapped = item
                 result.extend((ln, "prose") for ln in wrapped)
             else:
@@ -468,7 +476,9 @@ class Converter:
 
         def rule(aligned: bool) -> str:
             dashes = ["-" * (w if aligned else 3) for w in widths]
-            return pad + ("| " + " | ".join(dashes) + " |" if aligned else "|" + "|".join(dashes) + "|")
+            return pad + (
+                "| " + " | ".join(dashes) + " |" if aligned else "|" + "|".join(dashes) + "|"
+            )
 
         aligned = [fmt(table[0], True), rule(True)] + [fmt(r, True) for r in table[1:]]
         if self.fit is None or all(self.fit.width(ln, 1, 0) <= self.fit.limit for ln in aligned):
@@ -525,13 +535,16 @@ def wrap_item(item: list[str], at: int, total: int, base: int, fit: Fit) -> list
     else:
         prefix = first[: indent(first)]
     words = TOKEN_RE.findall(joined)
+    # keep the paragraph's own width (its lines that still fit), up to the limit
+    fitting = [fit.width(ln, at + n, -1) for n, ln in enumerate(item)]
+    target = max([w for w in fitting if w <= fit.limit] or [fit.limit])
     lines: list[list[str]] = [[]]
     for word in words:
         current = lines[-1]
         n = at + len(lines) - 1
         head = prefix if len(lines) == 1 else " " * hang
         candidate = head + " ".join([*current, word])
-        if not current or fit.width(candidate, n, -1) <= fit.limit:
+        if not current or fit.width(candidate, n, -1) <= target:
             current.append(word)
             continue
         if UNSAFE_START.match(word):  # move the previous word down with it
@@ -541,10 +554,11 @@ def wrap_item(item: list[str], at: int, total: int, base: int, fit: Fit) -> list
             lines.append([current.pop(), word])
         else:
             lines.append([word])
-    text = [
-        (prefix if n == 0 else " " * hang) + " ".join(words_) for n, words_ in enumerate(lines)
-    ]
-    if at + len(text) == total and fit.width(text[-1], at + len(text) - 1, at + len(text)) > fit.limit:
+    text = [(prefix if n == 0 else " " * hang) + " ".join(words_) for n, words_ in enumerate(lines)]
+    if (
+        at + len(text) == total
+        and fit.width(text[-1], at + len(text) - 1, at + len(text)) > fit.limit
+    ):
         last = lines[-1]
         if len(last) > 1 and not UNSAFE_START.match(last[-1]):
             text[-1] = (prefix if len(lines) == 1 else " " * hang) + " ".join(last[:-1])
@@ -625,7 +639,9 @@ def language(code: str) -> str:
 
 # --------------------------------------------------------------- the .py files
 
-LITERAL_SOURCE_RE = re.compile(r"^(?P<prefix>[rRuU]{0,2})(?P<q>\"\"\"|'''|\"|')(?P<body>.*)(?P=q)$", re.S)
+LITERAL_SOURCE_RE = re.compile(
+    r"^(?P<prefix>[rRuU]{0,2})(?P<q>\"\"\"|'''|\"|')(?P<body>.*)(?P=q)$", re.S
+)
 
 
 def encode(value: str, raw: bool, quote: str) -> str | None:
@@ -650,7 +666,12 @@ def docstring_nodes(tree: ast.Module, module: str) -> Iterable[tuple[ast.Constan
         for k, node in enumerate(body):
             if k == 0 and is_str(node):
                 yield node.value, Scope(module, klass)
-            elif with_attrs and k > 0 and is_str(node) and isinstance(body[k - 1], (ast.Assign, ast.AnnAssign)):
+            elif (
+                with_attrs
+                and k > 0
+                and is_str(node)
+                and isinstance(body[k - 1], (ast.Assign, ast.AnnAssign))
+            ):
                 yield node.value, Scope(module, klass)
             if isinstance(node, ast.ClassDef):
                 path = f"{prefix}.{node.name}"
@@ -684,7 +705,9 @@ def convert_file(path: Path, module: str, converter: Converter, limit: int) -> t
         raw = bool(m) and "r" in m["prefix"].lower()
         if not m or encode(node.value, raw, m["q"]) != m["body"]:
             if INLINE_RE.search(node.value) or "::" in node.value or BORDER_RE.search(node.value):
-                converter.report.skipped.append(f"{where}: not a plain string literal; convert by hand")
+                converter.report.skipped.append(
+                    f"{where}: not a plain string literal; convert by hand"
+                )
             continue
         column = len(source[offsets[node.lineno - 1] : a].decode("utf-8"))
         fit = Fit(limit, column + len(m["prefix"]) + len(m["q"]), len(m["q"]), raw, column)
@@ -703,7 +726,9 @@ def convert_file(path: Path, module: str, converter: Converter, limit: int) -> t
             # a table row or code line can't be wrapped; ruff reads a noqa after a
             # multi-line string as covering every line of it
             literal += "  # noqa: E501"
-            converter.report.long.append(f"{where}: {over} lines over {limit} columns: # noqa: E501 added")
+            converter.report.long.append(
+                f"{where}: {over} lines over {limit} columns: # noqa: E501 added"
+            )
         elif over:
             converter.report.long.append(f"{where}: {over} lines over {limit} columns")
         edits.append((a, b, literal.encode("utf-8")))
@@ -729,7 +754,9 @@ def ruff_line_length(start: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("package", type=Path, nargs="?", default=Path("wdjax"), help="package directory")
+    parser.add_argument(
+        "package", type=Path, nargs="?", default=Path("wdjax"), help="package directory"
+    )
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="the mkdocs docs_dir")
     parser.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     parser.add_argument("--check", action="store_true", help="exit 1 if a file would change")
@@ -754,7 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         changed.append(path)
         if args.dry_run:
             sys.stdout.writelines(
-                difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(path), str(path))
+                difflib.unified_diff(
+                    old.splitlines(True), new.splitlines(True), str(path), str(path)
+                )
             )
         elif not args.check:
             path.write_text(new, encoding="utf-8")
@@ -771,8 +800,9 @@ def main(argv: list[str] | None = None) -> int:
                     print("  " + item, file=sys.stderr)
     verb = "would change" if args.dry_run or args.check else "changed"
     print(
-        f"\n{verb} {len(changed)} files; {report.tables} tables, {report.blocks} literal blocks; "
-        f"{len(report.unlinked)} references left unlinked, {len(report.skipped)} docstrings skipped",
+        f"\n{verb} {len(changed)} files; {report.tables} tables, "
+        f"{report.blocks} literal blocks; {len(report.unlinked)} references left unlinked, "
+        f"{len(report.skipped)} docstrings skipped",
         file=sys.stderr,
     )
     return 1 if args.check and changed else 0
