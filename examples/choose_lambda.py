@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 import wdjax
-from wdjax import data, models, train
+from wdjax.lab import data, models, train
 
 
 def main(argv=None):

@@ -25,7 +25,8 @@ import time
 import optax
 
 import wdjax
-from wdjax import data, masks, models, train
+from wdjax import masks
+from wdjax.lab import data, models, train
 
 
 def main(argv=None):

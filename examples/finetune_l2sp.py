@@ -28,7 +28,8 @@ import numpy as np
 import optax
 
 import wdjax
-from wdjax import data, masks, models, train
+from wdjax import masks
+from wdjax.lab import data, models, train
 
 BODY = masks.match("dense*/kernel")  # hidden-layer kernels; the head is left free
 

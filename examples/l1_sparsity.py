@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 import wdjax
-from wdjax import data, masks, models, train
+from wdjax import masks
+from wdjax.lab import data, models, train
 
 
 def kernel_fractions(params):

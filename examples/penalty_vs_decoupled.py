@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import optax
 
 import wdjax
-from wdjax import data, masks, models, train
+from wdjax import masks
+from wdjax.lab import data, models, train
 
 
 def max_diff(a, b):

@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 import wdjax
-from wdjax import data, masks, models, train
+from wdjax import masks
+from wdjax.lab import data, models, train
 
 STEPS = [  # (row label, what it changes); each row keeps the changes above it
     ("Adam (lr 1e-3), nothing else", {}),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import wdjax
-from wdjax import data, models
+from wdjax.lab import data, models
 
 
 def data_loss(model, params, x, y):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wdjax.data import DataError
 
-from wdjax import data
+from wdjax.lab import data
+from wdjax.lab.data import DataError
 
 WDJAX_SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist"
 

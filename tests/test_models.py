@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from wdjax.models import Model
 
-from wdjax import models
+from wdjax.lab import models
+from wdjax.lab.models import Model
 
 # A few shared models keep XLA compile caches warm across tests.
 CNN8 = models.cnn(input_shape=(8, 8, 1))

@@ -12,16 +12,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import (
+    BATCHES,
+    MLP0,
+    PROPERTY,
+    ZEROS,
+    P,
+    bits,
+    f32,
+    float_trees,
+    max_rel_err,
+    mse,
+    trajectory,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-from test_penalties import PROPERTY, f32, float_trees
-from test_transforms import BATCHES, MLP0, ZEROS, P, bits, max_rel_err, mse, trajectory
 
 import wdjax
 from wdjax import masks
 from wdjax.optimizers import OPTIMIZERS, create
 
-KERNELS = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731  (Optax's callable-mask style)
+
+def KERNELS(p):  # a callable mask, in Optax's style
+    return jax.tree.map(lambda x: x.ndim >= 2, p)
 
 
 # --------------------------------------------------------------- vs Optax

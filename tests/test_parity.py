@@ -13,7 +13,7 @@ torch = pytest.importorskip(
 )
 
 import jax  # noqa: E402
-from test_transforms import BATCHES, MLP0, max_rel_err, trajectory  # noqa: E402
+from helpers import BATCHES, MLP0, max_rel_err, trajectory  # noqa: E402
 
 import wdjax  # noqa: E402
 from wdjax import masks  # noqa: E402

@@ -1,8 +1,5 @@
 """Tests for wdjax.penalties: closed forms, rates and masks, jit/grad/vmap,
-``regularized``, low precision, bad input, and hypothesis properties.
-
-``float_trees`` (random nested dicts/lists of float arrays) is shared with the
-transform and optimizer tests."""
+``regularized``, low precision, bad input, and hypothesis properties."""
 
 from __future__ import annotations
 
@@ -10,51 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from helpers import PROPERTY, f32, float_trees, tol
+from hypothesis import given
 from hypothesis import strategies as st
 
 import wdjax
 from wdjax import masks
-
-FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-PROPERTY = settings(max_examples=10, deadline=None)
-
-
-@st.composite
-def float_trees(draw, min_ndim: int = 0, dtypes=FLOAT_DTYPES):
-    """A random pytree (nested dicts and lists, 1-9 leaves) of random float arrays,
-    and a ``like(tree)`` function that draws fresh values of the same structure."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-
-    def leaf():
-        shape = draw(st.lists(st.integers(1, 4), min_size=min_ndim, max_size=3))
-        return jnp.asarray(rng.normal(size=shape), draw(st.sampled_from(dtypes)))
-
-    def node(depth: int):
-        if depth == 0 or draw(st.booleans()):
-            return leaf()
-        kids = [node(depth - 1) for _ in range(draw(st.integers(1, 3)))]
-        return {f"k{i}": k for i, k in enumerate(kids)} if draw(st.booleans()) else kids
-
-    tree = {"root": node(2)}
-
-    def like(t):
-        return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), t)
-
-    return tree, like
-
-
-def f32(x) -> np.ndarray:
-    return np.asarray(x, np.float32)
-
-
-def tol(dtype) -> float:
-    return {
-        jnp.dtype(jnp.float32): 1e-5,
-        jnp.dtype(jnp.float16): 2e-3,
-        jnp.dtype(jnp.bfloat16): 2e-2,
-    }[jnp.dtype(dtype)]
-
 
 PARAMS = {
     "dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "bias": jnp.array([1.0, -1.0])},
@@ -107,7 +65,7 @@ def test_masks_and_rate_forms():
     per_leaf = {"dense": {"kernel": 1.0, "bias": 0.0}, "head": 3.0}
     expected = 0.5 * ((k1**2).sum() + 3 * (k2**2).sum() + 3 * 0.25**2)
     np.testing.assert_allclose(wdjax.l2(per_leaf)(PARAMS), expected, rtol=1e-6)
-    rm = masks.rates({"head/*": 3.0, "*/kernel": 1.0})
+    rm = wdjax.rates({"head/*": 3.0, "*/kernel": 1.0})
     np.testing.assert_allclose(wdjax.l2(rm)(PARAMS), expected, rtol=1e-6)
     assert float(wdjax.l2(0.5, masks.NONE)(PARAMS)) == 0.0
 

@@ -1,37 +1,41 @@
 #!/usr/bin/env python
 """Rewrite the reStructuredText-flavoured docstrings of a package as the Markdown that
-mkdocstrings renders. A one-off dev tool: it edits the ``.py`` files in place, docstrings
-only (everything else is checked to be unchanged, byte for byte in the AST).
+mkdocstrings renders. A one-off dev tool: it edits the .py files in place, docstrings only
+(the rest of each file is checked to parse to the same AST).
 
-What it converts, in docstrings only (module, class, function and attribute docstrings):
+What it converts, in module, class, function and attribute docstrings:
 
-* ````x```` (RST inline literal) -> ```x``` (Markdown code);
-* ``:func:`x```, ``:class:`x```, ``:mod:`x```, ``:data:`x```, ``:meth:`x```, ``:attr:`x```,
-  ``:obj:`x```, ``:exc:`x```, ``:const:`x``` (also ``:py:func:`` etc., ``~a.b.c`` and
-  ``title <target>`` forms) -> a mkdocstrings cross-reference ``[`x`][full.dotted.path]``.
-  Short and re-exported names (``fit``, ``wdjax.rates``, ``wdjax.train.fit`` from before the
-  lab moved) are resolved, with griffe, to the object's canonical path, and linked only if
-  the docs render that object (a ``::: module`` line in ``docs/**/*.md``); anything else
-  becomes plain code and is listed in the report, so the docs build never meets a
-  dangling reference;
-* RST simple tables (``====  ====`` borders, optional header, continuation lines whose
-  first column is blank, cells that overrun their column) -> Markdown pipe tables;
-* ``text::`` + an indented literal block -> ``text:`` + a fenced code block (``python``
-  when the block parses as Python, ``bash`` for shell commands, else ``text``);
-  ``::`` alone on a line is dropped, ``text ::`` loses the colons;
-* ``\\ `` (RST's escaped space, as in ````x````\\ ``s``) is removed.
+* RST inline literals (double backticks) -> Markdown code (single backticks);
+* the roles :func:, :class:, :mod:, :data:, :meth:, :attr:, :obj:, :exc:, :const: (also
+  :py:func: etc., the ~a.b.c and "title <target>" forms) -> mkdocstrings cross-references,
+  [`x`][full.dotted.path], or [`a.b.c`][] when the text is the path. Short and re-exported
+  names (fit, wdjax.rates, wdjax.train.fit from before the lab moved) are resolved with
+  griffe to the object's canonical path, and linked only if the docs render that object
+  (a "::: module" line in docs/**/*.md); anything else becomes plain code and is listed
+  in the report, so the docs build never meets a dangling reference;
+* RST simple tables (==== borders, optional header, continuation lines whose first column
+  is blank, cells that overrun their column) -> Markdown pipe tables (column-aligned when
+  that fits the line length);
+* "text::" and an indented literal block -> "text:" and a fenced code block (python when
+  the block parses as Python, bash for shell commands, else text); "::" alone on a line
+  is dropped, "text ::" loses the colons;
+* RST's escaped space (backslash, space, as in a literal followed by "s") is removed.
 
-Indented blocks that follow a blank line and are not RST literal blocks (Markdown reads
-them as code) are left as they are.
+Indented blocks after a blank line that are not RST literal blocks (Markdown reads them as
+code), Markdown pipe tables and fenced blocks are left as they are, so running it twice
+changes nothing. A paragraph that conversion pushes past ruff's line length is re-wrapped
+(at its own width); a table that cannot fit gets "# noqa: E501" after its docstring.
 
-Usage, from the repository root, with the docs extra installed (it needs griffe)::
+Usage, from the repository root, with the docs extra installed (it needs griffe), after
+every module to be documented has its "::: module" line in docs/api/*.md:
 
-    python docs/scripts/rst_to_md.py --dry-run wdjax   # report and diff, writes nothing
+    python docs/scripts/rst_to_md.py --dry-run wdjax   # the report and a diff; writes nothing
     python docs/scripts/rst_to_md.py wdjax             # rewrite in place
+    python docs/scripts/rst_to_md.py --check wdjax     # exit 1 if anything is left to convert
     mkdocs build --strict                              # check the result
 
-Exit status: 0 when done (or, with ``--check``, when nothing would change), 1 with
-``--check`` when some file would change, 2 on errors.
+Exit status: 0 when done (with --check: nothing left to convert), 1 with --check when a
+file would change, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -768,6 +772,12 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.line_length or ruff_line_length(args.package.resolve())
     if not (args.package / "__init__.py").is_file():
         print(f"{args.package} is not a package directory", file=sys.stderr)
+        return 2
+    if not directives(args.docs):
+        print(
+            f"no '::: module' lines in {args.docs}/**/*.md: nothing could be linked",
+            file=sys.stderr,
+        )
         return 2
     report = Report()
     converter = Converter(build_index(args.package, args.docs), report)
