@@ -185,41 +185,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wdjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def command(name: str, run: Any) -> argparse.ArgumentParser:
+    def command(name: str, run: Any, training: bool = True) -> argparse.ArgumentParser:
+        """A subcommand with the model and data options, and for training commands the
+        optimizer options, ``--out`` and ``--no-progress``."""
         p = sub.add_parser(
             name, help=DESCRIPTION[name], description=DESCRIPTION[name], formatter_class=_Help
         )
         p.set_defaults(run=run)
+        _model_options(p)
+        _data_options(p)
+        if training:
+            _optim_options(p, sweep=name == "sweep")
+            p.add_argument("--out", default=f"runs/{name}", help="output directory")
+            p.add_argument("--no-progress", action="store_true", help="no progress bar")
         return p
 
     t = command("train", cmd_train)
-    _model_options(t)
-    _data_options(t)
-    _optim_options(t, sweep=False)
     t.add_argument("--schedule", choices=SCHEDULES, default="constant", help="η schedule")
     t.add_argument("--warmup-epochs", type=_number(int), default=1, help="for warmup_cosine")
     t.add_argument("--clip-norm", type=_rate, help="clip gradients to this global norm")
     t.add_argument("--patience", type=_count, help="early stopping on the validation loss")
-    t.add_argument("--out", default="runs/train", help="output directory")
     t.add_argument("--checkpoint-every", type=_count, help="checkpoint interval in steps")
     t.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = command("sweep", cmd_sweep)
-    _model_options(s)
-    _data_options(s)
-    _optim_options(s, sweep=True)
     s.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated seeds")
     s.add_argument("--folds", type=_number(int, low=2), help="k-fold cross-validation (k >= 2)")
     s.add_argument("--select", choices=("best", "one_se"), default="best", help="choice rule")
     s.add_argument("--metric", default=None, help="validation metric (default: accuracy)")
     s.add_argument("--chunk-size", type=_count, help="members per compiled chunk")
-    s.add_argument("--out", default="runs/sweep", help="output directory")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    m = command("masks", cmd_masks)
-    _model_options(m)
-    _data_options(m)
+    m = command("masks", cmd_masks, training=False)
     m.add_argument("--mask", nargs="+", default=["default"], help="default|all|none|globs")
     return parser
 
