@@ -72,17 +72,18 @@ def main(argv=None):
             model, fit.state.params, fit.state.model_state, ds.x_test, ds.y_test
         )["accuracy"]
         print(
-            f"retrained on train+val ({len(pooled.y_train)} images) with λ={lam:g}: test accuracy {test[lam]:.1%}"
+            f"retrained on train+val ({len(pooled.y_train)} images) with λ={lam:g}: "
+            f"test accuracy {test[lam]:.1%}"
         )
 
     lam, lam_best = chosen["weight_decay"], best["weight_decay"]
     se = math.sqrt(test[0.0] * (1 - test[0.0]) / len(ds.y_test))
     diff = test[lam] - test[0.0]
     print(
-        f"\nConclusion: {folds}-fold cross-validation with the one-SE rule chose λ={lam:g} (mean val accuracy "
-        f"{chosen['val_accuracy_mean']:.1%} ± {chosen['val_accuracy_se']:.1%} SE; the best mean was "
-        f"{best['val_accuracy_mean']:.1%} at λ={lam_best:g}); retrained with it, the model reached "
-        f"{test[lam]:.1%} test accuracy vs {test[0.0]:.1%} without weight decay"
+        f"\nConclusion: {folds}-fold cross-validation with the one-SE rule chose λ={lam:g} (mean "
+        f"val accuracy {chosen['val_accuracy_mean']:.1%} ± {chosen['val_accuracy_se']:.1%} SE; the "
+        f"best mean was {best['val_accuracy_mean']:.1%} at λ={lam_best:g}); retrained with it, the "
+        f"model reached {test[lam]:.1%} test accuracy vs {test[0.0]:.1%} without weight decay"
         + (f" and {test[lam_best]:.1%} with λ={lam_best:g}" if lam_best not in (lam, 0.0) else "")
         + f" ({diff * 100:+.2f} pp vs no decay, "
         + ("within" if abs(diff) <= 2 * se else "beyond")
