@@ -68,9 +68,9 @@ def main(argv=None):
         fit = train.fit(
             model, wdjax.adamw(lr, lam), pooled, epochs=epochs, batch_size=64, progress=False
         )
-        test[lam] = train.evaluate(
-            model, fit.state.params, fit.state.model_state, ds.x_test, ds.y_test
-        )["accuracy"]
+        state = fit.state
+        metrics = train.evaluate(model, state.params, state.model_state, ds.arrays("test"))
+        test[lam] = metrics["accuracy"]
         print(
             f"retrained on train+val ({len(pooled.y_train)} images) with λ={lam:g}: "
             f"test accuracy {test[lam]:.1%}"

@@ -45,14 +45,14 @@ def main(argv=None):
         print(f"MNIST not found ({e}); falling back to digits")
         ds = data.load("digits")
     ds = dataclasses.replace(ds, x_train=ds.x_train[:train_size], y_train=ds.y_train[:train_size])
-    x, y = ds.x_train, ds.y_train
-    print(f"{ds.summary()}; training on {len(y)} images for {epochs} epochs")
+    n_train = len(ds.y_train)
+    print(f"{ds.summary()}; training on {n_train} images for {epochs} epochs")
     model = models.create("cnn", input_shape=ds.input_shape, num_classes=ds.num_classes)
 
     results = {}
     print(
-        f"\n{'':<18}  {'train acc':>9}  {'test acc':>8}  {'gap':>7}  {'train loss':>10}  {'test loss':>9}"
-        f"  {'kernel ‖w‖':>10}  {'time':>5}"
+        f"\n{'':<18}  {'train acc':>9}  {'test acc':>8}  {'gap':>7}  {'train loss':>10}"
+        f"  {'test loss':>9}  {'kernel ‖w‖':>10}  {'time':>5}"
     )
     for label, penalties in [
         ("no weight decay", []),
@@ -70,7 +70,7 @@ def main(argv=None):
             progress=False,
         ).state
         p, s = state.params, state.model_state
-        tr, te = (train.evaluate(model, p, s, a, b) for a, b in [(x, y), (ds.x_test, ds.y_test)])
+        tr, te = (train.evaluate(model, p, s, ds.arrays(split)) for split in ("train", "test"))
         norm = float(
             train.weight_metrics(p, masks.resolve(p, masks.default()))["weight_norm_decayed"]
         )
@@ -82,20 +82,22 @@ def main(argv=None):
             norm,
         )
         print(
-            f"{label:<18}  {tr['accuracy']:9.2%}  {te['accuracy']:8.2%}  {results[label][2] * 100:5.2f}pp"
-            f"  {tr['loss']:10.4f}  {te['loss']:9.4f}  {norm:10.2f}  {time.perf_counter() - start:4.0f}s"
+            f"{label:<18}  {tr['accuracy']:9.2%}  {te['accuracy']:8.2%}"
+            f"  {results[label][2] * 100:5.2f}pp  {tr['loss']:10.4f}  {te['loss']:9.4f}"
+            f"  {norm:10.2f}  {time.perf_counter() - start:4.0f}s"
         )
 
     (tr0, te0, gap0, lgap0, n0), (tr1, te1, gap1, lgap1, n1) = results.values()
     se = math.sqrt(te0 * (1 - te0) / len(ds.y_test))  # binomial standard error of a test accuracy
     print(
-        f"\nConclusion: on {ds.name} ({len(y)} training images, {epochs} epoch{'s' * (epochs != 1)}), L2 weight "
-        f"decay shrank the kernel norm from {n0:.1f} to {n1:.1f}; it "
-        f"{'narrowed' if gap1 < gap0 else 'did not narrow'} the train-test accuracy gap "
-        f"({gap0 * 100:.2f} → {gap1 * 100:.2f} pp; train {tr0:.2%} → {tr1:.2%}, test {te0:.2%} → {te1:.2%}) "
+        f"\nConclusion: on {ds.name} ({n_train} training images, {epochs} "
+        f"epoch{'s' * (epochs != 1)}), L2 weight decay shrank the kernel norm from {n0:.1f} to "
+        f"{n1:.1f}; it {'narrowed' if gap1 < gap0 else 'did not narrow'} the train-test accuracy "
+        f"gap ({gap0 * 100:.2f} → {gap1 * 100:.2f} pp; train {tr0:.2%} → {tr1:.2%}, "
+        f"test {te0:.2%} → {te1:.2%}) "
         + ("and" if (gap1 < gap0) == (lgap1 < lgap0) else "but")
-        + f" {'narrowed' if lgap1 < lgap0 else 'did not narrow'} the test-train loss gap ({lgap0:.3f} → {lgap1:.3f}); "
-        f"the test accuracy change of {(te1 - te0) * 100:+.2f} pp is "
+        + f" {'narrowed' if lgap1 < lgap0 else 'did not narrow'} the test-train loss gap "
+        f"({lgap0:.3f} → {lgap1:.3f}); the test accuracy change of {(te1 - te0) * 100:+.2f} pp is "
         + ("within" if abs(te1 - te0) <= 2 * se else "beyond")
         + f" 2 standard errors ({2 * se * 100:.1f} pp on {len(ds.y_test)} test images)"
         + (

@@ -1,4 +1,4 @@
-"""Fine-tuning with too little data: decay toward zero vs decay toward the pretrained weights (L2-SP).
+"""Fine-tuning on too little data: decay toward zero vs toward the pretrained weights (L2-SP).
 
 An MLP is pretrained on digits 0-4 of scikit-learn's digits (or MNIST with
 ``--data-dir``), then fine-tuned with Adam on digits 5-9 from only ``--per-class``
@@ -99,8 +99,9 @@ def main(argv=None):
     zero = jax.tree.map(jnp.zeros_like, w0)
     print(
         f"pretrained on {ds.name} 0-4: test accuracy on 0-4 "
-        f"{train.evaluate(model, w0, {}, source.x_test, source.y_test)['accuracy']:.1%}; "
-        f"fine-tuning on 5-9 with {args.per_class} images per class, {steps} Adam steps, {seeds} seeds"
+        f"{train.evaluate(model, w0, {}, source.arrays('test'))['accuracy']:.1%}; "
+        f"fine-tuning on 5-9 with {args.per_class} images per class, {steps} Adam steps, "
+        f"{seeds} seeds"
     )
 
     def accuracy(start, anchor, lam, form):
@@ -125,7 +126,7 @@ def main(argv=None):
                 form=form,
                 steps=steps,
             )
-            accs.append(train.evaluate(model, p, {}, target.x_test, target.y_test)["accuracy"])
+            accs.append(train.evaluate(model, p, {}, target.arrays("test"))["accuracy"])
         return np.mean(accs), np.std(accs) / np.sqrt(seeds)
 
     scratch, plain = accuracy(None, zero, 0.0, "penalty"), accuracy(w0, zero, 0.0, "penalty")
@@ -140,7 +141,8 @@ def main(argv=None):
             to_zero, to_w0 = accuracy(w0, zero, lam, form), accuracy(w0, w0, lam, form)
             rows.append((form, lam, to_zero[0], to_w0[0]))
             print(
-                f"{form:<10}  {lam:6g}  {to_zero[0]:8.1%} ± {to_zero[1]:4.1%}  {to_w0[0]:10.1%} ± {to_w0[1]:4.1%}"
+                f"{form:<10}  {lam:6g}  {to_zero[0]:8.1%} ± {to_zero[1]:4.1%}  "
+                f"{to_w0[0]:10.1%} ± {to_w0[1]:4.1%}"
             )
 
     wins = [r for r in rows if r[3] > r[2]]
@@ -148,25 +150,27 @@ def main(argv=None):
     two_se = 2 * max(plain[1], scratch[1])
     gain = best_sp[3] - max(best_zero[2], plain[0])
     print(
-        f"\nConclusion: decay toward the pretrained weights beat decay toward zero in {len(wins)} of "
-        f"{len(rows)} (form, λ) settings"
+        "\nConclusion: decay toward the pretrained weights beat decay toward zero in "
+        f"{len(wins)} of {len(rows)} (form, λ) settings"
         + (
             " (" + "; ".join(f"{f} λ={lam:g}: {b:.1%} vs {a:.1%}" for f, lam, a, b in wins) + ")"
             if wins
             else ""
         )
-        + f". L2-SP's best, {best_sp[3]:.2%} ({best_sp[0]} λ={best_sp[1]:g}), vs {best_zero[2]:.2%} for the best "
-        f"decay toward zero ({best_zero[0]} λ={best_zero[1]:g}) and {plain[0]:.2%} without decay: "
+        + f". L2-SP's best, {best_sp[3]:.2%} ({best_sp[0]} λ={best_sp[1]:g}), vs "
+        f"{best_zero[2]:.2%} for the best decay toward zero ({best_zero[0]} λ={best_zero[1]:g}) "
+        f"and {plain[0]:.2%} without decay: "
         + (
             f"a gain of {gain * 100:.1f} pp, more than 2 standard errors ({two_se * 100:.1f} pp)."
             if gain > two_se
-            else f"{gain * 100:+.1f} pp, not more than 2 standard errors ({two_se * 100:.1f} pp), so the classic "
-            "L2-SP gain does not reproduce here"
+            else f"{gain * 100:+.1f} pp, not more than 2 standard errors ({two_se * 100:.1f} pp), "
+            "so the classic L2-SP gain does not reproduce here"
         )
-        + f"; pretraining on 0-4 itself changed 5-9 accuracy by {(plain[0] - scratch[0]) * 100:+.1f} pp vs "
-        f"training from scratch ({scratch[0]:.1%})"
+        + "; pretraining on 0-4 itself changed 5-9 accuracy by "
+        f"{(plain[0] - scratch[0]) * 100:+.1f} pp vs training from scratch ({scratch[0]:.1%})"
         + (
-            ". What does reproduce: strong decay toward w₀ is far less destructive than strong decay toward zero."
+            ". What does reproduce: strong decay toward w₀ is far less destructive than strong "
+            "decay toward zero."
             if wins and gain <= two_se
             else "."
         )

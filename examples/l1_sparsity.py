@@ -73,9 +73,9 @@ def main(argv=None):
                 penalties=penalties,
                 progress=False,
             )
-            acc = train.evaluate(
-                model, fit.state.params, fit.state.model_state, ds.x_test, ds.y_test
-            )["accuracy"]
+            state = fit.state
+            metrics = train.evaluate(model, state.params, state.model_state, ds.arrays("test"))
+            acc = metrics["accuracy"]
             zero, small = kernel_fractions(fit.state.params)
             rows.append((lam, how, acc, zero, small))
             print(f"{lam:7g}  {how:<13}  {acc:8.1%}  {zero:7.1%}  {small:8.1%}")
@@ -91,7 +91,8 @@ def main(argv=None):
         f"\nConclusion: at λ={lam:g}, proximal L1 zeroed {prox_zero:.1%} of kernel weights vs "
         f"{sub_zero:.1%} for subgradient L1, at {prox_acc:.1%} vs {sub_acc:.1%} test accuracy; "
         f"over all λ tried, subgradient L1 never exceeded {best_sub:.1%} exact zeros (though up to "
-        f"{near_sub:.1%} of its weights hovered within 1e-3 of zero) while proximal reached {best_prox:.1%}."
+        f"{near_sub:.1%} of its weights hovered within 1e-3 of zero) while proximal reached "
+        f"{best_prox:.1%}."
     )
 
 

@@ -63,7 +63,7 @@ def main(argv=None):
             progress=False,
         )
         p = fit.state.params
-        acc = train.evaluate(model, p, fit.state.model_state, ds.x_test, ds.y_test)["accuracy"]
+        acc = train.evaluate(model, p, fit.state.model_state, ds.arrays("test"))["accuracy"]
         return p, acc, fit.history[-1]["weight_norm_decayed"]
 
     # A. SGD: penalty, coupled and decoupled are one and the same update
@@ -84,10 +84,12 @@ def main(argv=None):
     # B. Adam: the λ·w term is normalized by Adam when coupled, not when decoupled
     _, base_acc, base_norm = run(optax.adam(1e-3))
     print(
-        f"\nB. Adam (lr=1e-3, {epochs} epochs); no decay: test acc {base_acc:.1%}, kernel norm {base_norm:.1f}"
+        f"\nB. Adam (lr=1e-3, {epochs} epochs); no decay: test acc {base_acc:.1%}, "
+        f"kernel norm {base_norm:.1f}"
     )
     print(
-        f"{'λ':>6}  {'method':<22}  {'test acc':>8}  {'kernel ‖w‖':>10}  {'max |Δw| vs L2-in-loss':>22}"
+        f"{'λ':>6}  {'method':<22}  {'test acc':>8}  {'kernel ‖w‖':>10}  "
+        f"{'max |Δw| vs L2-in-loss':>22}"
     )
     adam = {}
     for lam in adam_lambdas:
@@ -99,10 +101,9 @@ def main(argv=None):
         ]:
             params, acc, norm = run(opt, pen)
             ref = params if ref is None else ref
-            adam[lam, name.split()[0]] = (acc, norm, max_diff(params, ref))
-            print(
-                f"{lam:6g}  {name:<22}  {acc:8.1%}  {norm:10.2f}  {adam[lam, name.split()[0]][2]:22.1e}"
-            )
+            diff = max_diff(params, ref)
+            adam[lam, name.split()[0]] = (acc, norm, diff)
+            print(f"{lam:6g}  {name:<22}  {acc:8.1%}  {norm:10.2f}  {diff:22.1e}")
 
     # C. learning-rate decay vs weight decay (SGD + momentum; decay rate in AdamW units)
     steps = epochs * (len(ds.y_train) // 64)
@@ -130,9 +131,7 @@ def main(argv=None):
         adam[lam, k] for k in ("L2", "coupled", "decoupled")
     )
     (n_acc, n_norm), (s_acc, s_norm), (w_acc, w_norm), _ = lr_wd.values()
-    se = math.sqrt(
-        n_acc * (1 - n_acc) / len(ds.y_test)
-    )  # binomial standard error of a test accuracy
+    se = math.sqrt(n_acc * (1 - n_acc) / len(ds.y_test))  # binomial SE of a test accuracy
     acc_spread = max(a for a, _ in lr_wd.values()) - min(a for a, _ in lr_wd.values())
     print(
         "\nConclusion: with SGD, L2 in the loss, coupled L2 and decoupled decay gave "
@@ -141,16 +140,17 @@ def main(argv=None):
             if sgd_diff < 1e-3 * mom_diff
             else "DIFFERENT weights"
         )
-        + f" (max |Δw| = {sgd_diff:.1e}, vs {mom_diff:.1e} between coupled and decoupled once momentum "
-        "is added). "
+        + f" (max |Δw| = {sgd_diff:.1e}, vs {mom_diff:.1e} between coupled and decoupled once "
+        "momentum is added). "
         f"With Adam at λ={lam:g}, L2 in the loss and coupled L2 "
         + ("agree" if c_diff < 0.1 * d_diff else "differ")
-        + f" (max |Δw| {c_diff:.1e}, test acc {l_acc:.1%} vs {c_acc:.1%}, kernel norm {l_norm:.1f} vs "
-        f"{c_norm:.1f}) but decoupled decay does not (max |Δw| {d_diff:.1e}, test acc {d_acc:.1%}, "
-        f"kernel norm {d_norm:.1f}; no decay: {base_acc:.1%}, {base_norm:.1f}). "
-        f"Learning-rate decay changed the kernel norm by {s_norm / n_norm - 1:+.0%} ({n_norm:.1f} → "
-        f"{s_norm:.1f}), weight decay by {w_norm / n_norm - 1:+.0%} ({w_norm:.1f}); test accuracies of "
-        f"the four settings span {acc_spread * 100:.1f} pp, "
+        + f" (max |Δw| {c_diff:.1e}, test acc {l_acc:.1%} vs {c_acc:.1%}, kernel norm "
+        f"{l_norm:.1f} vs {c_norm:.1f}) but decoupled decay does not (max |Δw| {d_diff:.1e}, "
+        f"test acc {d_acc:.1%}, kernel norm {d_norm:.1f}; no decay: {base_acc:.1%}, "
+        f"{base_norm:.1f}). Learning-rate decay changed the kernel norm by "
+        f"{s_norm / n_norm - 1:+.0%} ({n_norm:.1f} → {s_norm:.1f}), weight decay by "
+        f"{w_norm / n_norm - 1:+.0%} ({w_norm:.1f}); test accuracies of the four settings span "
+        f"{acc_spread * 100:.1f} pp, "
         + ("within" if acc_spread <= 2 * se else "more than")
         + f" 2 standard errors ({2 * se * 100:.1f} pp on {len(ds.y_test)} test images)."
     )

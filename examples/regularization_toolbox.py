@@ -50,7 +50,7 @@ def optimizer(steps, weight_decay=0.0, schedule=False, clip=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="a few epochs, first and last rows")
     parser.add_argument("--seeds", type=int, default=1, help="runs averaged per row")
     args = parser.parse_args(argv)
@@ -95,8 +95,8 @@ def main(argv=None):
             )
             p, s = fit.state.params, fit.state.model_state
             accs = [
-                train.evaluate(model, p, s, x, y)["accuracy"]
-                for x, y in [(ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)]
+                train.evaluate(model, p, s, ds.arrays(split))["accuracy"]
+                for split in ("train", "val", "test")
             ]
             norm = train.weight_metrics(p, masks.resolve(p, masks.default()))["weight_norm_decayed"]
             runs.append((len(fit.history), *accs, float(norm)))
@@ -110,8 +110,8 @@ def main(argv=None):
     best_label, best_gain = max(gains, key=lambda g: g[1])
     significant = [label.lstrip("+ ").split(" (")[0] for label, g in gains if abs(g) > 2 * se]
     print(
-        f"\nConclusion: on digits the whole toolbox reached {full:.1%} test accuracy vs {base:.1%} for "
-        f"plain Adam ({(full - base) * 100:+.1f} pp); the largest single step was "
+        f"\nConclusion: on digits the whole toolbox reached {full:.1%} test accuracy vs {base:.1%} "
+        f"for plain Adam ({(full - base) * 100:+.1f} pp); the largest single step was "
         f"'{best_label.lstrip('+ ')}' ({best_gain * 100:+.1f} pp). With a standard error of "
         f"{se * 100:.1f} pp per accuracy, "
         + (

@@ -1,4 +1,4 @@
-"""Tests for wdjax.data: splits, IDX parsing, the MNIST-style loaders, checksums and download."""
+"""Tests for wdjax.lab.data: splits, IDX parsing, MNIST-style loaders, checksums and download."""
 
 from __future__ import annotations
 
@@ -114,6 +114,16 @@ def test_xor():
     np.testing.assert_array_equal(ds.x_test, ds.x_train)
 
 
+def test_arrays_gives_each_split_as_x_y():
+    ds = data.load("digits")
+    for split in ("train", "val", "test"):
+        batch = ds.arrays(split)
+        assert sorted(batch) == ["x", "y"]
+        assert batch["x"] is getattr(ds, f"x_{split}") and batch["y"] is getattr(ds, f"y_{split}")
+    with pytest.raises(ValueError, match="split must be train, val or test, got 'valid'"):
+        ds.arrays("valid")
+
+
 def test_unknown_name_lists_valid_names():
     with pytest.raises(
         DataError, match="unknown dataset 'cifar'.*digits, mnist, fashion_mnist, xor"
@@ -147,15 +157,30 @@ def test_read_idx_round_trip(tmp_path_factory, dtype, shape, gz):
 
 BAD_IDX = {
     "empty": (b"", r"bad IDX magic \(empty\)"),
-    "nonzero-magic": (b"\x01\x00\x08\x01" + struct.pack(">I", 3) + b"abc", "bad IDX magic 01000801"),
-    "bad-type-code": (b"\x00\x00\x07\x01" + struct.pack(">I", 3) + b"abc", "bad IDX magic 00000701"),
+    "nonzero-magic": (
+        b"\x01\x00\x08\x01" + struct.pack(">I", 3) + b"abc",
+        "bad IDX magic 01000801",
+    ),
+    "bad-type-code": (
+        b"\x00\x00\x07\x01" + struct.pack(">I", 3) + b"abc",
+        "bad IDX magic 00000701",
+    ),
     "zero-dims": (b"\x00\x00\x08\x00", "bad IDX magic 00000800"),
     "short-header": (b"\x00\x00\x08\x03\x00\x00", r"truncated IDX header \(6 bytes, expected 16\)"),
-    "truncated-data": (idx_bytes(np.zeros((4, 3), np.uint8))[:-2], "truncated IDX file: header says 4x3 uint8 = 12 data bytes, found 10"),
-    "trailing-bytes": (idx_bytes(np.zeros(5, np.int32)) + b"\0", "trailing bytes in IDX file: .* 20 data bytes, found 21"),
-    "truncated-gzip": (gzip.compress(idx_bytes(np.zeros(100, np.uint8)), mtime=0)[:-12], "corrupt or truncated gzip data"),
+    "truncated-data": (
+        idx_bytes(np.zeros((4, 3), np.uint8))[:-2],
+        "truncated IDX file: header says 4x3 uint8 = 12 data bytes, found 10",
+    ),
+    "trailing-bytes": (
+        idx_bytes(np.zeros(5, np.int32)) + b"\0",
+        "trailing bytes in IDX file: .* 20 data bytes, found 21",
+    ),
+    "truncated-gzip": (
+        gzip.compress(idx_bytes(np.zeros(100, np.uint8)), mtime=0)[:-12],
+        "corrupt or truncated gzip data",
+    ),
     "not-gzip": (b"\x1f\x8bnot really gzip", "corrupt or truncated gzip data"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize(("content", "message"), BAD_IDX.values(), ids=BAD_IDX.keys())
@@ -245,12 +270,28 @@ def test_missing_labels_file(tmp_path):
     ("images", "labels", "message"),
     [
         (np.zeros((5, 4, 4), np.uint8), np.arange(6, dtype=np.uint8), "5 images but 6 labels"),
-        (np.zeros((5, 4, 4), np.uint8), np.array([0, 1, 2, 3, 10], np.uint8), "labels in 0..9 .* got 0..10"),
-        (np.zeros((5, 16), np.uint8), np.arange(5, dtype=np.uint8), r"expected \(N, H, W\) uint8 images"),
-        (np.zeros((5, 4, 4), np.float32), np.arange(5, dtype=np.uint8), r"expected \(N, H, W\) uint8 images"),
-        (np.zeros((5, 4, 4), np.uint8), np.zeros((5, 1), np.uint8), r"expected \(N,\) integer labels"),
+        (
+            np.zeros((5, 4, 4), np.uint8),
+            np.array([0, 1, 2, 3, 10], np.uint8),
+            "labels in 0..9 .* got 0..10",
+        ),
+        (
+            np.zeros((5, 16), np.uint8),
+            np.arange(5, dtype=np.uint8),
+            r"expected \(N, H, W\) uint8 images",
+        ),
+        (
+            np.zeros((5, 4, 4), np.float32),
+            np.arange(5, dtype=np.uint8),
+            r"expected \(N, H, W\) uint8 images",
+        ),
+        (
+            np.zeros((5, 4, 4), np.uint8),
+            np.zeros((5, 1), np.uint8),
+            r"expected \(N,\) integer labels",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_arrays(tmp_path, images, labels, message):
     write_idx(tmp_path / f"t10k-{IMAGES}", images)
     write_idx(tmp_path / f"t10k-{LABELS}", labels)

@@ -1,4 +1,4 @@
-"""Smoke test: every script in examples/ runs with --quick and prints its conclusion with numbers."""
+"""Smoke test: every script in examples/ runs with --quick and prints a conclusion with numbers."""
 
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def test_every_example_is_smoke_tested():
     assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == sorted(CASES)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:.*goes in the next release:DeprecationWarning")  # no 0.1 API
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_quick(name, capsys):
     module = _load(name)

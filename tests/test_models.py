@@ -1,4 +1,4 @@
-"""Tests for wdjax.models: param paths, the pure init/apply face, transforms, BN, dropout."""
+"""Tests for wdjax.lab.models: param paths, the pure init/apply face, transforms, BN, dropout."""
 
 from __future__ import annotations
 
