@@ -186,14 +186,15 @@ def run_steps(
 # --------------------------------------------------------- an MLP and its training
 
 
-def init_mlp(key: jax.Array, sizes: tuple[int, ...] = (4, 16, 16, 3)) -> dict:
-    """Plain-pytree params of a small MLP: ``{"dense0": {"kernel", "bias"}, ...}``."""
+def init_mlp(seed: int = 0, sizes: tuple[int, ...] = (4, 16, 16, 3)) -> dict:
+    """Plain-pytree params of a small MLP: ``{"dense0": {"kernel", "bias"}, ...}``
+    (NumPy draws: ``jax.random`` would compile at import, in every test process)."""
+    rng = np.random.default_rng(seed)
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        key, k1, k2 = jax.random.split(key, 3)
         params[f"dense{i}"] = {
-            "kernel": jax.random.normal(k1, (a, b)) / np.sqrt(a),
-            "bias": 0.1 * jax.random.normal(k2, (b,)),
+            "kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
+            "bias": jnp.asarray(0.1 * rng.normal(size=b), jnp.float32),
         }
     return params
 
@@ -205,9 +206,12 @@ def mse(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean((x @ layers[-1]["kernel"] + layers[-1]["bias"] - y) ** 2)
 
 
-MLP0 = init_mlp(jax.random.key(0))
-_kx, _ky = jax.random.split(jax.random.key(1))
-BATCHES = (jax.random.normal(_kx, (120, 8, 4)), jax.random.normal(_ky, (120, 8, 3)))
+MLP0 = init_mlp(0)
+_rng = np.random.default_rng(1)
+BATCHES = (
+    jnp.asarray(_rng.normal(size=(120, 8, 4)), jnp.float32),
+    jnp.asarray(_rng.normal(size=(120, 8, 3)), jnp.float32),
+)
 
 
 def trajectory(

@@ -448,3 +448,15 @@ def test_describe_agrees_with_resolve(data, as_tree, rate):
     assert {r.path for r in table.rows if r.rate is not None} == selected(params, mask)
     assert all(r.rate == pytest.approx(rate) for r in table.rows if r.rate is not None)
     assert table.decayed == sum(r.size for r in table.rows if r.path in expected)
+
+
+def test_default_mask_over_each_kind_of_tree(params_tree):
+    """A linen dict, an ``nnx.State`` and an Equinox module: the default mask is the
+    kernels, ``ALL`` every float leaf, and a transform gives back the same container."""
+    named = masks.leaves_with_paths(params_tree)
+    kernels = {p for p, x in named if x.ndim >= 2 and "embed" not in p.lower()}
+    assert selected(params_tree, masks.DEFAULT) == kernels
+    assert selected(params_tree, masks.ALL) == {p for p, _ in named}
+    tx = wdjax.add_l2_gradient(0.1)
+    out = tx.update(params_tree, tx.init(params_tree), params_tree)[0]
+    assert jax.tree.structure(out) == jax.tree.structure(params_tree)

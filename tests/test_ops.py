@@ -7,6 +7,8 @@ plain ``jit`` and inside ``lax.scan``."""
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -20,11 +22,17 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
+def _normal(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> jax.Array:
+    """NumPy draws: eager ``jax.random`` compiles once per shape, which adds up here."""
+    return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def _arrays(batch: int, hw: tuple[int, int], kernel: tuple[int, int], cin: int, cout: int):
-    kx, kw, kc = jax.random.split(jax.random.key(sum(hw) * 100 + sum(kernel) * 10 + cin), 3)
-    x = jax.random.normal(kx, (batch, *hw, cin))
-    w = jax.random.normal(kw, (*kernel, cin, cout)) / np.sqrt(kernel[0] * kernel[1] * cin)
-    return x, w, kc
+    """An input, a kernel with unit-variance outputs, and a seed for cotangents."""
+    seed = sum(hw) * 100 + sum(kernel) * 10 + cin
+    x = _normal(seed, (batch, *hw, cin))
+    w = _normal(seed + 1, (*kernel, cin, cout), 1 / np.sqrt(kernel[0] * kernel[1] * cin))
+    return x, w, seed + 2
 
 
 def _reference(x: jax.Array, w: jax.Array, padding) -> jax.Array:
@@ -39,7 +47,7 @@ def _ours(x: jax.Array, w: jax.Array, padding) -> jax.Array:
 def _value_and_grads(conv, x, w, padding, key):
     """``conv``'s output and the gradients of ``Σ conv(x, w)·c`` for a random cotangent."""
     y = conv(x, w, padding)
-    c = jax.random.normal(key, y.shape)
+    c = _normal(key, y.shape)
     grads = jax.grad(lambda x, w: jnp.sum(conv(x, w, padding) * c), (0, 1))(x, w)
     return y, grads
 
@@ -64,8 +72,8 @@ PADDINGS = ["SAME", "VALID", ((1, 2), (0, 1))]
 )
 def test_conv_values_and_gradients_equal_lax(hw, kernel, cin, cout, padding):
     x, w, key = _arrays(2, hw, kernel, cin, cout)
-    ours = jax.jit(_value_and_grads, static_argnums=(0, 3))(_ours, x, w, padding, key)
-    theirs = jax.jit(_value_and_grads, static_argnums=(0, 3))(_reference, x, w, padding, key)
+    ours = jax.jit(_value_and_grads, static_argnums=(0, 3, 4))(_ours, x, w, padding, key)
+    theirs = jax.jit(_value_and_grads, static_argnums=(0, 3, 4))(_reference, x, w, padding, key)
     chex.assert_trees_all_equal_shapes_and_dtypes(ours, theirs)
     chex.assert_trees_all_close(ours, theirs, **TOL)
     chex.assert_tree_all_finite(ours)
@@ -117,9 +125,10 @@ def test_inside_nnx_conv():
     ours = nnx.Conv(3, 5, (5, 3), conv_general_dilated=ops.conv_general_dilated, rngs=nnx.Rngs(0))
     theirs = nnx.Conv(3, 5, (5, 3), rngs=nnx.Rngs(0))
 
+    @nnx.jit
     def value_and_grads(model):
         y = model(x)
-        c = jax.random.normal(key, y.shape)
+        c = _normal(key, y.shape)
         return y, nnx.grad(lambda m, x: jnp.sum(m(x) * c), argnums=(0, 1))(model, x)
 
     chex.assert_trees_all_close(value_and_grads(ours), value_and_grads(theirs), **TOL)
@@ -130,7 +139,7 @@ def test_conv_gradients_inside_scan(padding):
     """The training loop's setting: gradients taken inside ``lax.scan``, the kernel
     carried and updated, several steps."""
     x, w, key = _arrays(4, (7, 9), (5, 3), 3, 4)
-    cts = jax.random.normal(key, (3, *_reference(x[:1], w, padding).shape[1:]))
+    cts = _normal(key, (3, *_reference(x, w, padding).shape))
     xs = jnp.stack([x, 0.5 * x, -x])
 
     def train(conv):
@@ -153,26 +162,36 @@ def _reduce_window_pool(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
-@pytest.mark.parametrize("hw", [(7, 9), (8, 8), (3, 2), (2, 5)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
-@pytest.mark.parametrize("channels", [1, 3])
+def _nnx_pool(x: jax.Array) -> jax.Array:
+    return nnx.max_pool(x, (2, 2), (2, 2), "VALID")
+
+
+@pytest.mark.parametrize(
+    ("hw", "channels"),
+    [((7, 9), 3), ((8, 8), 1), ((3, 2), 2), ((2, 5), 1)],
+    ids=["7x9x3", "8x8x1", "3x2x2", "2x5x1"],
+)
 def test_max_pool_values_and_gradients_equal_reduce_window(hw, channels):
-    x = jax.random.normal(jax.random.key(hw[0] * 10 + hw[1]), (2, *hw, channels))  # no ties
-    expected = nnx.max_pool(x, (2, 2), (2, 2), "VALID")
-    chex.assert_trees_all_equal(_reduce_window_pool(x), expected)
-    ours, theirs = ops.max_pool_2x2(x), _reduce_window_pool(x)
+    x = _normal(hw[0] * 10 + hw[1], (2, *hw, channels))  # no ties
+    c = _normal(1, (2, hw[0] // 2, hw[1] // 2, channels))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def value_and_grad(x, pool):
+        return pool(x), jax.grad(lambda x: jnp.sum(pool(x) * c))(x)
+
+    ours = value_and_grad(x, ops.max_pool_2x2)
+    theirs = value_and_grad(x, _reduce_window_pool)
+    chex.assert_trees_all_equal(value_and_grad(x, _nnx_pool), theirs)
     chex.assert_trees_all_equal_shapes_and_dtypes(ours, theirs)
-    chex.assert_trees_all_equal(ours, theirs)  # a max is exact
-    c = jax.random.normal(jax.random.key(1), ours.shape)
-    g_ours = jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x) * c))(x)
-    g_theirs = jax.grad(lambda x: jnp.sum(_reduce_window_pool(x) * c))(x)
-    chex.assert_trees_all_equal(g_ours, g_theirs)
+    chex.assert_trees_all_equal(ours, theirs)  # a max and its one-hot gradient are exact
 
 
 def test_max_pool_after_relu_ties_have_the_same_gradient():
     """Ties after a ReLU are zeros, whose gradient is zero either way."""
-    x = jax.random.normal(jax.random.key(3), (2, 7, 9, 3)) - 1.0  # mostly negative
-    c = jax.random.normal(jax.random.key(4), (2, 3, 4, 3))
+    x = _normal(3, (2, 7, 9, 3)) - 1.0  # mostly negative
+    c = _normal(4, (2, 3, 4, 3))
 
+    @functools.partial(jax.jit, static_argnums=0)
     def grad(pool):
         return jax.grad(lambda x: jnp.sum(pool(jax.nn.relu(x)) * c))(x)
 
@@ -183,7 +202,7 @@ def test_max_pool_after_relu_ties_have_the_same_gradient():
 def test_conv_and_pool_inside_scan():
     """A conv → ReLU → pool block, its gradients taken inside ``lax.scan``."""
     x, w, key = _arrays(2, (7, 9), (3, 3), 2, 3)
-    c = jax.random.normal(key, (4, 2, 3, 4, 3))
+    c = _normal(key, (4, 2, 3, 4, 3))
 
     def run(conv, pool):
         def body(w, c):

@@ -68,7 +68,7 @@ def _leafwise(
         rates = groups.leaf_rates(params, _at(rate, count), mask)  # validates mask and rates now
         if check_init is not None:
             check_init(params, rates)
-        return DecayState(count, jax.tree.map(jnp.array, anchor))  # a copy: states get donated
+        return DecayState(count, jax.tree.map(_copy, anchor))  # a copy: states get donated
 
     def update_fn(updates: Params, state: DecayState, params: Params | None = None):
         if params is None:
@@ -93,6 +93,18 @@ def _leafwise(
         return treedef.unflatten(out), DecayState(optax.safe_increment(state.count), state.anchor)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _copy(x: Any) -> jax.Array:
+    """A copy of ``x`` that keeps its ``NamedSharding`` also under ``jit(init)``, where
+    ``x`` is a closure constant that would otherwise land on one device."""
+    out = jnp.array(x)
+    if isinstance(x, jax.core.Tracer):
+        return out
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        out = jax.lax.with_sharding_constraint(out, sharding)
+    return out
 
 
 def _check_shapes(updates: Params, leaves: list[Any], treedef: Any) -> None:
