@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from wdjax import groups, masks
@@ -292,8 +293,9 @@ def l1_proximal(
 
     Unlike the subgradient of ``λ·Σ|w|``, this yields exact zeros. ``learning_rate``
     is the η (value or schedule) the optimizer before it uses."""
-    if learning_rate is None and mask is not None:  # the 0.1 form l1_proximal(rate, η)
-        _moved_to_keyword("l1_proximal", "learning_rate")
+    number = isinstance(mask, (int, float)) and not isinstance(mask, bool)
+    if learning_rate is None and (number or np.ndim(mask) == 0 and hasattr(mask, "dtype")):
+        _moved_to_keyword("l1_proximal", "learning_rate")  # the 0.1 form l1_proximal(rate, η)
         mask, learning_rate = None, mask
     if learning_rate is None:
         raise ValueError("l1_proximal needs learning_rate= (the η the optimizer uses)")
@@ -324,10 +326,17 @@ def max_norm(
     """Projection like Keras ``MaxNorm``, last in a chain:
     ``w⁺ = w + u;  u ← w⁺·min(1, c/‖w⁺‖) − w``, norms over ``axis`` (``0`` for a
     Dense kernel ``(in, out)``: one norm per output unit)."""
-    if isinstance(mask, int) or (mask and isinstance(mask, tuple) and isinstance(mask[0], int)):
+    ints = isinstance(mask, tuple) and mask and all(isinstance(a, int) for a in mask)
+    if (isinstance(mask, int) and not isinstance(mask, bool)) or ints:
         _moved_to_keyword("max_norm", "axis")  # the 0.1 form max_norm(c, axis)
         mask, axis = None, mask
     _validated(1.0, mask, max_value=max_value)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+
+    def check_axes(params: Params, rates: list[Any]) -> None:
+        for (path, w), r in zip(masks.leaves_with_paths(params), rates, strict=True):
+            if r is not None and not all(-w.ndim <= a < w.ndim for a in axes):
+                raise ValueError(f"max_norm axis={axis} does not fit {path!r} of shape {w.shape}")
 
     def make_step(count: jax.Array) -> LeafStep:
         def step(u: jax.Array, w: jax.Array, r: Any, _: Any) -> jax.Array:
@@ -338,4 +347,4 @@ def max_norm(
 
         return step
 
-    return _leafwise(1.0, mask, make_step)
+    return _leafwise(1.0, mask, make_step, check_init=check_axes)
