@@ -1,9 +1,9 @@
 """wdjax: weight decay and regularization for JAX, correct, explicit and fast.
 
-``import wdjax`` loads the core only (jax, optax, chex): masks, rates, penalties,
+`import wdjax` loads the core only (jax, optax, chex): masks, rates, penalties,
 transforms and optimizers. The training lab (reference models, data, train loop,
-checkpoints, sweeps, CLI) lives in :mod:`wdjax.lab` and loads on first use:
-``wdjax.sweep`` and ``wdjax.lab.train`` import it then.
+checkpoints, sweeps, CLI) lives in [`wdjax.lab`][] and loads on first use:
+`wdjax.sweep` and `wdjax.lab.train` import it then.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _moved(name: str) -> Any:
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """``import wdjax.train`` (and ``from wdjax.train import fit``) still work for one
+    """`import wdjax.train` (and `from wdjax.train import fit`) still work for one
     release: the old module is a copy of the new one's namespace."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:

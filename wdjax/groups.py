@@ -2,15 +2,21 @@
 
 A *rate* is
 
-* a scalar λ, concrete or traced (``jax.vmap`` over it for sweeps);
-* a schedule ``step -> λ`` (transforms evaluate it at their step count);
+* a scalar λ, concrete or traced (`jax.vmap` over it for sweeps);
+* a schedule `step -> λ` (transforms evaluate it at their step count);
 * a pytree of per-leaf rates shaped like the params, or a prefix of them;
-* a :class:`RateMap` built by :func:`rates`: ``{glob: λ}`` with a fallback, like
+* a
+  [`RateMap`][wdjax.groups.RateMap]
+  built by
+  [`rates`][wdjax.groups.rates]:
+  `{glob: λ}` with a
+  fallback, like
   PyTorch param groups.
 
 Rates are validated once, by the public factory that receives them
-(:func:`check_rate_arg`): real, finite and ``≥ 0``. Traced values and schedules are
-checked where they are evaluated.
+([`check_rate_arg`][wdjax.groups.check_rate_arg]): real, finite
+and `≥ 0`. Traced values and schedules are checked where they are
+evaluated.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from wdjax.types import Mask, Params, Rate
 
 
 def check_rate(value: Any, what: str = "rate") -> None:
-    """Raise ``ValueError`` unless a concrete ``value`` is a real, finite number ``≥ 0``
+    """Raise `ValueError` unless a concrete `value` is a real, finite number `≥ 0`
     (bools and strings are refused). Schedules and traced values pass."""
     if callable(value) or isinstance(value, jax.core.Tracer):
         return
@@ -49,13 +55,13 @@ def check_rate(value: Any, what: str = "rate") -> None:
 @dataclasses.dataclass(frozen=True, eq=False)
 class RateMap:
     """Per-group rates: the first pattern (glob) that matches a leaf gives its rate;
-    leaves no pattern matches get ``default``. Built by :func:`rates`."""
+    leaves no pattern matches get `default`. Built by [`rates`][wdjax.groups.rates]."""
 
     groups: tuple[tuple[str, Any], ...]
     default: Any = 0.0
 
     def resolve(self, params: Params) -> list[Any]:
-        """One rate per leaf; a pattern that matches no leaf raises ``ValueError``."""
+        """One rate per leaf; a pattern that matches no leaf raises `ValueError`."""
         paths = [p for p, _ in leaves_with_paths(params)]
         for pattern, _ in self.groups:
             if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
@@ -69,7 +75,7 @@ class RateMap:
 
 
 def rates(groups: Mapping[str, Any], default: Any = 0.0) -> RateMap:
-    """``rates({"*/kernel": 1e-4, "*embedding": 1e-5}, default=0.0)``: per-group rates."""
+    """`rates({"*/kernel": 1e-4, "*embedding": 1e-5}, default=0.0)`: per-group rates."""
     for pattern, rate in groups.items():
         check_rate(rate, f"rate for {pattern!r}")
     check_rate(default, "default rate")
@@ -77,7 +83,9 @@ def rates(groups: Mapping[str, Any], default: Any = 0.0) -> RateMap:
 
 
 def check_rate_arg(rate: Rate, what: str = "rate") -> None:
-    """Check every concrete value of a scalar, schedule, rate pytree or :class:`RateMap`
+    """Check every concrete value of a
+    scalar, schedule, rate pytree or
+    [`RateMap`][wdjax.groups.RateMap]
     (a RateMap was checked when built)."""
     if isinstance(rate, RateMap):
         return
@@ -98,12 +106,12 @@ def _is_scalar(rate: Any) -> bool:
 
 
 def leaf_rates(params: Params, rate: Rate, mask: Mask = None) -> list[Any]:
-    """One rate per leaf of ``params`` (flattening order), ``None`` where the leaf is
-    left alone: masked out, non-float, or a rate that is the literal ``0``.
+    """One rate per leaf of `params` (flattening order), `None` where the leaf is
+    left alone: masked out, non-float, or a rate that is the literal `0`.
 
-    ``rate`` is a scalar (concrete or traced), a :class:`RateMap`, or a pytree of
+    `rate` is a scalar (concrete or traced), a [`RateMap`][wdjax.groups.RateMap], or a pytree of
     per-leaf rates shaped like the params (or a prefix of them). Values are not
-    checked here: the public factory that took ``rate`` did that."""
+    checked here: the public factory that took `rate` did that."""
     chosen = resolve(params, mask)
     if isinstance(rate, RateMap):
         values = rate.resolve(params)

@@ -2,25 +2,25 @@
 
 A *mask* may be given as
 
-* ``None``: every floating-point leaf;
-* a :class:`Selector` (``match("*/kernel")``, ``regex(...)``, ``where(...)``,
-  ``default()``, ``ALL``, ``NONE``), combined with ``&``, ``|`` and ``~``;
-* a glob string or a list of glob strings (shorthand for :func:`match`);
+* `None`: every floating-point leaf;
+* a [`Selector`][wdjax.masks.Selector] (`match("*/kernel")`, `regex(...)`, `where(...)`,
+  `default()`, `ALL`, `NONE`), combined with `&`, `|` and `~`;
+* a glob string or a list of glob strings (shorthand for [`match`][wdjax.masks.match]);
 * a pytree of bools shaped like the params, or a prefix of them
-  (``{"encoder": False, "head": True}``);
-* a function ``params -> pytree of bools`` (Optax's convention). Callable pytrees
+  (`{"encoder": False, "head": True}`);
+* a function `params -> pytree of bools` (Optax's convention). Callable pytrees
   such as Equinox modules are read as trees, never called.
 
-Leaves are named by their key path joined with ``/`` (``"layers/0/kernel"``); a
-trailing ``value`` attribute (``flax.nnx`` Variables) is dropped. Non-float
+Leaves are named by their key path joined with `/` (`"layers/0/kernel"`); a
+trailing `value` attribute (`flax.nnx` Variables) is dropped. Non-float
 leaves are never regularized. Masks are resolved from paths, shapes and dtypes
-only, so they are static under ``jit``; rates stay traced.
+only, so they are static under `jit`; rates stay traced.
 
-How strongly each selected leaf is regularized is :mod:`wdjax.groups`'s business
-(per-group rates); :func:`describe` tabulates both.
+How strongly each selected leaf is regularized is [`wdjax.groups`][]'s business
+(per-group rates); [`describe`][wdjax.tables.describe] tabulates both.
 
 Every mask is validated: a pattern that matches no parameter, a mask tree that
-does not fit the params, and a mask that selects nothing all raise ``ValueError``.
+does not fit the params, and a mask that selects nothing all raise `ValueError`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _path_parts(keypath: tuple) -> tuple[str, ...]:
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` in flattening order, paths joined with ``/``."""
+    """`[(path, leaf), ...]` in flattening order, paths joined with `/`."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [("/".join(_path_parts(kp)), leaf) for kp, leaf in flat]
 
@@ -66,10 +66,10 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Selector:
-    """Selects leaves by ``predicate(path, leaf)``; combine with ``&``, ``|``, ``~``.
+    """Selects leaves by `predicate(path, leaf)`; combine with `&`, `|`, `~`.
 
-    ``patterns`` are checked on resolution: each must match at least one leaf.
-    Selectors are deliberately not callable, so ``optax.inject_hyperparams``
+    `patterns` are checked on resolution: each must match at least one leaf.
+    Selectors are deliberately not callable, so `optax.inject_hyperparams`
     can never mistake one for a schedule.
     """
 
@@ -114,12 +114,12 @@ def _pattern_selector(
 
 
 def match(*patterns: str) -> Selector:
-    """Leaves whose path matches any glob (``fnmatch``; ``*`` also crosses ``/``)."""
+    """Leaves whose path matches any glob (`fnmatch`; `*` also crosses `/`)."""
     return _pattern_selector("match", patterns, lambda p, path: fnmatch.fnmatchcase(path, p))
 
 
 def regex(*patterns: str) -> Selector:
-    """Leaves whose path contains a match of any regular expression (``re.search``)."""
+    """Leaves whose path contains a match of any regular expression (`re.search`)."""
     compiled = {p: re.compile(p) for p in patterns if isinstance(p, str)}
     return _pattern_selector(
         "regex", patterns, lambda p, path: compiled[p].search(path) is not None
@@ -127,7 +127,7 @@ def regex(*patterns: str) -> Selector:
 
 
 def where(predicate: Predicate, description: str | None = None) -> Selector:
-    """Leaves for which ``predicate(path, leaf)`` is true, e.g. ``lambda p, w: w.ndim >= 2``."""
+    """Leaves for which `predicate(path, leaf)` is true, e.g. `lambda p, w: w.ndim >= 2`."""
     return Selector(predicate, description or getattr(predicate, "__name__", "where"))
 
 
@@ -137,9 +137,9 @@ _EMBEDDING = re.compile(r"embed|token", re.IGNORECASE)
 
 
 def default(*, embeddings: bool = False) -> Selector:
-    """Dense/conv kernels: leaves with ``ndim >= 2``, which excludes biases and
-    normalization scales/offsets. Embedding tables (a path containing ``embed`` or
-    ``token``) are excluded unless ``embeddings=True``; this matches timm's and
+    """Dense/conv kernels: leaves with `ndim >= 2`, which excludes biases and
+    normalization scales/offsets. Embedding tables (a path containing `embed` or
+    `token`) are excluded unless `embeddings=True`; this matches timm's and
     Hugging Face's defaults."""
     kernels = where(lambda p, x: np.ndim(x) >= 2, "ndim>=2")
     if embeddings:
@@ -202,8 +202,8 @@ def _selector_of(mask: Mask) -> Selector | None:
 
 
 def resolve(params: Params, mask: Mask = None) -> list[bool]:
-    """The mask as one bool per leaf of ``params`` (flattening order); non-float
-    leaves are always ``False``. Raises ``ValueError`` on any mask that does not fit
+    """The mask as one bool per leaf of `params` (flattening order); non-float
+    leaves are always `False`. Raises `ValueError` on any mask that does not fit
     or selects nothing."""
     named = leaves_with_paths(params)
     selector = _selector_of(mask)

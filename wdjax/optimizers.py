@@ -1,29 +1,30 @@
-"""Ready-made optimizers: thin ``optax.chain``\\ s with the decay in the right place.
+"""Ready-made optimizers: thin `optax.chain`s with the decay in the right place.
 
-============  =======================================  =================================
-optimizer     chain                                    PyTorch equivalent
-============  =======================================  =================================
-``adamw``     adam → −η → decay ``u ← u − c_t·λ·w``    ``AdamW(weight_decay=λ)``
-``adam_l2``   ``g + λ·w`` → adam → −η                  ``Adam(weight_decay=λ)``
-``sgdw``      momentum → −η → decoupled decay          (SGDW, Loshchilov & Hutter)
-``sgd_l2``    ``g + λ·w`` → momentum → −η              ``SGD(weight_decay=λ, momentum=μ)``
-``lionw``     lion → −η → decoupled decay              (Lion paper)
-============  =======================================  =================================
+| optimizer | chain                               | PyTorch equivalent                |
+| --------- | ----------------------------------- | --------------------------------- |
+| `adamw`   | adam → −η → decay `u ← u − c_t·λ·w` | `AdamW(weight_decay=λ)`           |
+| `adam_l2` | `g + λ·w` → adam → −η               | `Adam(weight_decay=λ)`            |
+| `sgdw`    | momentum → −η → decoupled decay     | (SGDW, Loshchilov & Hutter)       |
+| `sgd_l2`  | `g + λ·w` → momentum → −η           | `SGD(weight_decay=λ, momentum=μ)` |
+| `lionw`   | lion → −η → decoupled decay         | (Lion paper)                      |
 
-Each takes ``mask`` (default: :func:`wdjax.masks.default`, kernels only — biases,
-normalization parameters and embeddings are not decayed), ``l1`` (adds
-:func:`wdjax.l1_proximal` last; ``None`` leaves it out) and, for the decoupled ones,
-``lr_coupling`` and ``cautious`` (see :func:`wdjax.decoupled_weight_decay`).
+Each takes `mask` (default: [`wdjax.masks.default`][], kernels only — biases,
+normalization parameters and embeddings are not decayed), `l1` (adds
+[`wdjax.l1_proximal`][wdjax.transforms.l1_proximal] last; `None` leaves it
+out) and, for the decoupled ones, `lr_coupling` and `cautious` (see
+[`wdjax.decoupled_weight_decay`][wdjax.transforms.decoupled_weight_decay]).
 
-``weight_decay`` and ``l1`` may also be per-group :func:`wdjax.rates` (then they
-are static). Scalar ``learning_rate``, ``weight_decay`` and ``l1`` live in the optimizer
-state as float32 hyperparameters (``optax.inject_hyperparams``), so they can be read and changed
-without recompiling, and vmapped over for sweeps::
+`weight_decay` and `l1` may also be per-group [`wdjax.rates`][wdjax.groups.rates] (then they
+are static). Scalar `learning_rate`, `weight_decay` and `l1` live in the optimizer
+state as float32 hyperparameters (`optax.inject_hyperparams`), so they can be read and changed
+without recompiling, and vmapped over for sweeps:
 
-    state = wdjax.set_hyperparams(state, weight_decay=1e-3)   # no recompilation
+```python
+state = wdjax.set_hyperparams(state, weight_decay=1e-3)   # no recompilation
+```
 
 The mask is bound before injection, so a callable mask is never mistaken for a
-schedule (the trap of ``optax.inject_hyperparams(optax.adamw)``).
+schedule (the trap of `optax.inject_hyperparams(optax.adamw)`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _build(
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The one place an optimizer's arguments are checked; the chain below is rebuilt
-    by ``inject_hyperparams`` at every trace and checks nothing."""
+    by `inject_hyperparams` at every trace and checks nothing."""
     groups.check_rate_arg(weight_decay, "weight_decay")  # named in the error, not "rate"
     _validated(weight_decay, mask, learning_rate=learning_rate, max_learning_rate=max_learning_rate)
     if l1 is not None:
@@ -95,7 +96,7 @@ def adamw(
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW: ``u = −η_t·m̂/(√v̂ + ε) − c_t·λ·w`` (``nesterov=True``: NAdamW)."""
+    """AdamW: `u = −η_t·m̂/(√v̂ + ε) − c_t·λ·w` (`nesterov=True`: NAdamW)."""
     return _build(
         optax.scale_by_adam(b1, b2, eps, nesterov=nesterov),
         learning_rate,
@@ -119,7 +120,7 @@ def adam_l2(
     mask: Mask = masks.DEFAULT,
     l1: Rate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam on ``g + λ·w`` (coupled L2): PyTorch ``Adam(weight_decay=λ)``."""
+    """Adam on `g + λ·w` (coupled L2): PyTorch `Adam(weight_decay=λ)`."""
     return _build(
         optax.scale_by_adam(b1, b2, eps),
         learning_rate,
@@ -147,7 +148,7 @@ def sgdw(
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """SGD with (heavy-ball or Nesterov) momentum and decoupled decay ``u ← u − c_t·λ·w``."""
+    """SGD with (heavy-ball or Nesterov) momentum and decoupled decay `u ← u − c_t·λ·w`."""
     return _build(
         _momentum(momentum, nesterov),
         learning_rate,
@@ -170,7 +171,7 @@ def sgd_l2(
     mask: Mask = masks.DEFAULT,
     l1: Rate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """SGD on ``g + λ·w``: PyTorch ``SGD(weight_decay=λ, momentum=μ, nesterov=...)``."""
+    """SGD on `g + λ·w`: PyTorch `SGD(weight_decay=λ, momentum=μ, nesterov=...)`."""
     return _build(
         _momentum(momentum, nesterov), learning_rate, weight_decay, coupled=True, mask=mask, l1=l1
     )
@@ -203,10 +204,10 @@ def lionw(
 
 
 def set_hyperparams(opt_state: Any, **values: Any) -> Any:
-    """Return ``opt_state`` with injected hyperparameters (``weight_decay``,
-    ``learning_rate``, ``l1``) set to ``values``, as float32 arrays like the ones they
+    """Return `opt_state` with injected hyperparameters (`weight_decay`,
+    `learning_rate`, `l1`) set to `values`, as float32 arrays like the ones they
     replace, so a jitted step sees the same types and does not recompile (a Python
-    float set with ``optax.tree_utils.tree_set`` would be weakly typed: one recompile)."""
+    float set with `optax.tree_utils.tree_set` would be weakly typed: one recompile)."""
     return optax.tree_utils.tree_set(
         opt_state, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
     )
@@ -224,7 +225,7 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
 def create(
     name: str, learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule, **kwargs: Any
 ):
-    """Build an optimizer by name (one of :data:`OPTIMIZERS`)."""
+    """Build an optimizer by name (one of [`OPTIMIZERS`][wdjax.optimizers.OPTIMIZERS])."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name](learning_rate, weight_decay, **kwargs)

@@ -1,20 +1,19 @@
-"""Penalty terms R(w) over a params pytree, and :func:`regularized` to add them to a loss.
+"""Penalty terms R(w) over a params pytree, and [`regularized`][wdjax.penalties.regularized] to add
+them to a loss.
 
 Conventions (the textbook ones; see the README table for Keras/PyTorch/Optax):
 
-==============================  =========================================  ==================
-call                            R(w)                                       ∂R/∂w
-==============================  =========================================  ==================
-``l2(λ)``                       λ/2 · Σ w²                                 λ · w
-``l1(λ)``                       λ · Σ |w|                                  λ · sign(w)
-``elastic_net(α, λ)``           α · Σ |w| + λ/2 · Σ w²                     α·sign(w) + λ·w
-``l2_toward(w₀, λ)``            λ/2 · Σ (w − w₀)²                          λ · (w − w₀)
-``group_lasso(λ, axis)``        λ · Σ_g ‖w_g‖₂ (norms over ``axis``)       λ · w_g / ‖w_g‖₂
-==============================  =========================================  ==================
+| call                   | R(w)                               | ∂R/∂w            |
+| ---------------------- | ---------------------------------- | ---------------- |
+| `l2(λ)`                | λ/2 · Σ w²                         | λ · w            |
+| `l1(λ)`                | λ · Σ \\|w\\|                        | λ · sign(w)      |
+| `elastic_net(α, λ)`    | α · Σ \\|w\\| + λ/2 · Σ w²           | α·sign(w) + λ·w  |
+| `l2_toward(w₀, λ)`     | λ/2 · Σ (w − w₀)²                  | λ · (w − w₀)     |
+| `group_lasso(λ, axis)` | λ · Σ_g ‖w_g‖₂ (norms over `axis`) | λ · w_g / ‖w_g‖₂ |
 
-Keras ``regularizers.l2(k)`` is ``k · Σ w²`` (no ½): it equals ``wdjax.l2(2k)``.
+Keras `regularizers.l2(k)` is `k · Σ w²` (no ½): it equals `wdjax.l2(2k)`.
 Each penalty is a pure function of the params (float32 accumulation for low-precision
-leaves) and works under ``jit``, ``grad`` and ``vmap``; ``rate`` may be traced.
+leaves) and works under `jit`, `grad` and `vmap`; `rate` may be traced.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ Term = Callable[[jax.Array, Any], jax.Array]  # (leaf in float32, aligned extra)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Penalty:
-    """A named penalty ``R(params) -> scalar``; build one with :func:`l2` and friends."""
+    """A named penalty `R(params) -> scalar`; build one with [`l2`][wdjax.penalties.l2] and
+    friends."""
 
     name: str
     fn: Callable[[Params], jax.Array]
@@ -44,7 +44,7 @@ class Penalty:
 
 
 def _penalty(name: str, rate: Rate, mask: Mask, term: Term, extra: Any = None) -> Penalty:
-    """Σ over selected leaves of ``rate_leaf · term(w, extra_leaf)``."""
+    """Σ over selected leaves of `rate_leaf · term(w, extra_leaf)`."""
     groups.check_rate_arg(rate, f"{name} rate")
 
     def fn(params: Params) -> jax.Array:
@@ -72,24 +72,29 @@ def _abs(w: jax.Array, _: Any) -> jax.Array:
 
 
 def l2(rate: Rate, mask: Mask = None) -> Penalty:
-    """``R(w) = rate/2 · Σ w²``, gradient ``rate · w``."""
+    """`R(w) = rate/2 · Σ w²`, gradient `rate · w`."""
     return _penalty("l2", rate, mask, _half_sq)
 
 
 def l1(rate: Rate, mask: Mask = None) -> Penalty:
-    """``R(w) = rate · Σ |w|`` (subgradient 0 at 0; :func:`wdjax.l1_proximal` gives exact
+    """`R(w) = rate · Σ |w|`
+    (subgradient
+    0 at 0;
+    [`wdjax.l1_proximal`][wdjax.transforms.l1_proximal]
+    gives
+    exact
     zeros)."""
     return _penalty("l1", rate, mask, _abs)
 
 
 def elastic_net(l1: Rate, l2: Rate, mask: Mask = None) -> Penalty:
-    """``R(w) = l1 · Σ |w| + l2/2 · Σ w²``."""
+    """`R(w) = l1 · Σ |w| + l2/2 · Σ w²`."""
     a, b = _penalty("l1", l1, mask, _abs), _penalty("l2", l2, mask, _half_sq)
     return Penalty("elastic_net", lambda params: a(params) + b(params))
 
 
 def l2_toward(anchor: Params, rate: Rate, mask: Mask = None) -> Penalty:
-    """``R(w) = rate/2 · Σ (w − w₀)²`` toward reference weights ``anchor`` (L2-SP)."""
+    """`R(w) = rate/2 · Σ (w − w₀)²` toward reference weights `anchor` (L2-SP)."""
     return _penalty(
         "l2_toward",
         rate,
@@ -106,8 +111,8 @@ def _safe_norm(sq: jax.Array) -> jax.Array:
 
 
 def group_lasso(rate: Rate, axis: int | Sequence[int], mask: Mask = None) -> Penalty:
-    """``R(w) = rate · Σ_g ‖w_g‖₂``: each group is one slice of ``w`` over ``axis``
-    (for a Dense kernel ``(in, out)``, ``axis=0`` gives one group per output unit)."""
+    """`R(w) = rate · Σ_g ‖w_g‖₂`: each group is one slice of `w` over `axis`
+    (for a Dense kernel `(in, out)`, `axis=0` gives one group per output unit)."""
     return _penalty(
         "group_lasso", rate, mask, lambda w, _: jnp.sum(_safe_norm(jnp.sum(w * w, axis=axis)))
     )
@@ -116,11 +121,11 @@ def group_lasso(rate: Rate, axis: int | Sequence[int], mask: Mask = None) -> Pen
 def regularized(
     loss_fn: Callable[..., Any], *penalties: Penalty, has_aux: bool = False
 ) -> Callable[..., tuple]:
-    """``f(params, *args) -> (data_loss + Σ R_i(params), aux)``.
+    """`f(params, *args) -> (data_loss + Σ R_i(params), aux)`.
 
-    ``aux`` is ``{"data_loss": ..., <penalty name>: value, ...}`` (repeated names get
-    ``_2``, ``_3``...), plus ``"aux"`` holding ``loss_fn``'s own aux when
-    ``has_aux=True``. Ready for ``jax.value_and_grad(f, has_aux=True)``."""
+    `aux` is `{"data_loss": ..., <penalty name>: value, ...}` (repeated names get
+    `_2`, `_3`...), plus `"aux"` holding `loss_fn`'s own aux when
+    `has_aux=True`. Ready for `jax.value_and_grad(f, has_aux=True)`."""
     names: list[str] = []
     for p in penalties:
         if not isinstance(p, Penalty):

@@ -1,4 +1,5 @@
-"""What a mask and its rates do to a params pytree, as a table: :func:`describe`."""
+"""What a mask and its rates do to a params pytree, as a table:
+[`describe`][wdjax.tables.describe]."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """What :func:`describe` returns: one :class:`Row` per leaf, and totals."""
+    """What [`describe`][wdjax.tables.describe] returns: one [`Row`][wdjax.tables.Row] per leaf, and
+    totals."""
 
     rows: tuple[Row, ...]
 
@@ -64,10 +66,10 @@ def describe(
     *,
     file: TextIO | Literal["stdout"] | None = "stdout",
 ) -> Table:
-    """Tabulate every leaf's path, shape, dtype, size and rate, print it to ``file``
-    (``"stdout"``: ``sys.stdout`` when called, so redirection works; ``None``: don't
-    print) and return it. ``mask`` may also be a :class:`RateMap`, which then gives
-    the rates: ``describe(params, rates({...}))``."""
+    """Tabulate every leaf's path, shape, dtype, size and rate, print it to `file`
+    (`"stdout"`: `sys.stdout` when called, so redirection works; `None`: don't
+    print) and return it. `mask` may also be a [`RateMap`][wdjax.groups.RateMap], which then gives
+    the rates: `describe(params, rates({...}))`."""
     if isinstance(mask, RateMap):
         mask, rate = None, mask
     per_leaf = leaf_rates(params, rate, mask)

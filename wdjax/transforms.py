@@ -1,24 +1,22 @@
 """Weight decay as Optax gradient transformations.
 
-Optax's sign convention: a transformation outputs updates ``u`` that
-``optax.apply_updates`` adds, ``w ← w + u``. Gradients enter as ``g``; after the
-optimizer's scaling, ``u = −η_t · direction``.
+Optax's sign convention: a transformation outputs updates `u` that
+`optax.apply_updates` adds, `w ← w + u`. Gradients enter as `g`; after the
+optimizer's scaling, `u = −η_t · direction`.
 
-=============================  ======================================  ==================
-transform                      rule                                    where in a chain
-=============================  ======================================  ==================
-``add_l2_gradient(λ)``         ``g ← g + λ·w``                         before the optimizer
-``decoupled_weight_decay(λ)``  ``u ← u − c_t·λ·w``                     after the optimizer
-``decay_toward(w₀, λ)``        ``u ← u − c_t·λ·(w − w₀)``              after the optimizer
-``l1_proximal(λ, η)``          ``w⁺ = w + u;  w⁺ ← sign(w⁺)·max(|w⁺| − η_t·λ, 0)``   last
-``max_norm(c, axis)``          ``w⁺ = w + u;  w⁺ ← w⁺·min(1, c/‖w⁺‖)``                last
-=============================  ======================================  ==================
+| transform | rule | where in a chain |
+|---|---|---|
+| `add_l2_gradient(λ)` | `g ← g + λ·w` | before the optimizer |
+| `decoupled_weight_decay(λ)` | `u ← u − c_t·λ·w` | after the optimizer |
+| `decay_toward(w₀, λ)` | `u ← u − c_t·λ·(w − w₀)` | after the optimizer |
+| `l1_proximal(λ, learning_rate=η)` | `w⁺ = w + u;  w⁺ ← sign(w⁺)·max(abs(w⁺) − η_t·λ, 0)` | last |
+| `max_norm(c, axis=a)` | `w⁺ = w + u;  w⁺ ← w⁺·min(1, c/‖w⁺‖)` | last |
 
-Every transform has the signature ``(rate, mask=None, *, learning_rate=..., ...)``:
-``rate`` is a scalar, a schedule ``step -> λ``, a traced value, a per-leaf pytree or
-:func:`wdjax.rates` (see :mod:`wdjax.groups`), ``mask`` selects leaves (see
-:mod:`wdjax.masks`). Masked-out and non-float leaves pass through bit for bit; a
-Python ``0`` rate is the identity. Arithmetic is in float32 for low-precision leaves,
+Every transform has the signature `(rate, mask=None, *, learning_rate=..., ...)`:
+`rate` is a scalar, a schedule `step -> λ`, a traced value, a per-leaf pytree or
+[`wdjax.rates`][wdjax.groups.rates] (see [`wdjax.groups`][]), `mask` selects leaves (see
+[`wdjax.masks`][]). Masked-out and non-float leaves pass through bit for bit; a
+Python `0` rate is the identity. Arithmetic is in float32 for low-precision leaves,
 cast back to the update's dtype. Arguments are validated once, by the public factory.
 """
 
@@ -41,7 +39,8 @@ LeafStep = Callable[[jax.Array, jax.Array, Any, Any], jax.Array]  # (u, w, rate,
 
 
 class DecayState(NamedTuple):
-    """Step count (for schedules) and, for :func:`decay_toward`, the anchor weights."""
+    """Step count (for schedules) and, for [`decay_toward`][wdjax.transforms.decay_toward], the
+    anchor weights."""
 
     count: jax.Array
     anchor: Params = None
@@ -58,9 +57,9 @@ def _leafwise(
     anchor: Params = None,
     check_init: Callable[[Params, list[Any]], None] | None = None,
 ) -> optax.GradientTransformation:
-    """A transformation that rewrites each selected leaf with ``make_step(count)``.
-    ``rate`` and ``mask`` were validated by the public factory; the mask's fit to the
-    params is checked at ``init``."""
+    """A transformation that rewrites each selected leaf with `make_step(count)`.
+    `rate` and `mask` were validated by the public factory; the mask's fit to the
+    params is checked at `init`."""
 
     def init_fn(params: Params) -> DecayState:
         if anchor is not None:
@@ -97,8 +96,8 @@ def _leafwise(
 
 
 def _copy(x: Any) -> jax.Array:
-    """A copy of ``x`` that keeps its ``NamedSharding`` also under ``jit(init)``, where
-    ``x`` is a closure constant that would otherwise land on one device."""
+    """A copy of `x` that keeps its `NamedSharding` also under `jit(init)`, where
+    `x` is a closure constant that would otherwise land on one device."""
     out = jnp.array(x)
     if isinstance(x, jax.core.Tracer):
         return out
@@ -129,8 +128,8 @@ def _aligned(params: Params, tree: Params, what: str) -> list[Any]:
 
 
 def _validated(rate: Rate, mask: Mask, **numbers: Any) -> None:
-    """The checks of every public factory: ``rate`` and the named numbers are real,
-    finite and ``≥ 0`` (schedules pass), and a mask of patterns is well formed."""
+    """The checks of every public factory: `rate` and the named numbers are real,
+    finite and `≥ 0` (schedules pass), and a mask of patterns is well formed."""
     groups.check_rate_arg(rate)
     for name, value in numbers.items():
         if value is not None:
@@ -139,10 +138,10 @@ def _validated(rate: Rate, mask: Mask, **numbers: Any) -> None:
 
 
 def add_l2_gradient(rate: Rate, mask: Mask = None) -> optax.GradientTransformation:
-    """Coupled L2: ``g ← g + λ_t·w``, the gradient of ``λ/2·Σw²``.
+    """Coupled L2: `g ← g + λ_t·w`, the gradient of `λ/2·Σw²`.
 
-    Place it *before* the optimizer's scaling. This is PyTorch's ``weight_decay=λ``
-    in ``SGD`` and ``Adam``, and ``optax.add_decayed_weights(λ)`` placed first."""
+    Place it *before* the optimizer's scaling. This is PyTorch's `weight_decay=λ`
+    in `SGD` and `Adam`, and `optax.add_decayed_weights(λ)` placed first."""
     _validated(rate, mask)
     return _l2_gradient(rate, mask)
 
@@ -159,8 +158,9 @@ def multiplier(
     learning_rate: ScalarOrSchedule | None,
     max_learning_rate: float | None = None,
 ) -> Callable[[jax.Array], Any]:
-    """The per-step multiplier ``c_t`` of decoupled decay (see
-    :func:`decoupled_weight_decay`), as a function of the step count."""
+    """The per-step multiplier `c_t` of decoupled decay (see
+    [`decoupled_weight_decay`][wdjax.transforms.decoupled_weight_decay]),
+    as a function of the step count."""
     if lr_coupling not in COUPLINGS:
         raise ValueError(f"lr_coupling must be one of {COUPLINGS}, got {lr_coupling!r}")
     if lr_coupling == "constant":
@@ -183,8 +183,8 @@ def multiplier(
 
 
 def _warn_if_below_resolution(c0: Any) -> Callable[[Params, list[Any]], None]:
-    """Warn when ``c·λ`` is below half an ulp of a low-precision leaf's dtype:
-    ``w·(1 − c·λ)`` then rounds back to ``w`` and the decay silently does nothing."""
+    """Warn when `c·λ` is below half an ulp of a low-precision leaf's dtype:
+    `w·(1 − c·λ)` then rounds back to `w` and the decay silently does nothing."""
 
     def check(params: Params, rates: list[Any]) -> None:
         for (path, w), r in zip(masks.leaves_with_paths(params), rates, strict=True):
@@ -218,23 +218,24 @@ def decoupled_weight_decay(
     cautious: bool = False,
     anchor: Params = None,
 ) -> optax.GradientTransformation:
-    """Decoupled decay ``u ← u − c_t·λ_t·w``, placed *after* the optimizer's scaling.
+    """Decoupled decay `u ← u − c_t·λ_t·w`, placed *after* the optimizer's scaling.
 
-    ``c_t`` decides whether λ must be re-tuned when the learning rate changes:
+    `c_t` decides whether λ must be re-tuned when the learning rate changes:
 
-    * ``"lr"``: ``c_t = η_t`` — PyTorch ``AdamW`` and ``optax.adamw``; with
-      ``learning_rate=η`` this equals ``optax.add_decayed_weights(λ)`` placed before
-      ``optax.scale_by_learning_rate(η)``.
-    * ``"schedule"``: ``c_t = η_t/η_max`` — only the schedule's multiplier (AdamW
+    * `"lr"`: `c_t = η_t` — PyTorch `AdamW` and `optax.adamw`; with
+      `learning_rate=η` this equals `optax.add_decayed_weights(λ)` placed before
+      `optax.scale_by_learning_rate(η)`.
+    * `"schedule"`: `c_t = η_t/η_max` — only the schedule's multiplier (AdamW
       paper, Algorithm 2; "independent" decay): λ no longer depends on η.
-    * ``"corrected"``: ``c_t = η_t²/η_max`` (AdamC, corrected decay).
-    * ``"constant"``: ``c_t = 1``: ``w ← (1 − λ)·w`` every step.
+    * `"corrected"`: `c_t = η_t²/η_max` (AdamC, corrected decay).
+    * `"constant"`: `c_t = 1`: `w ← (1 − λ)·w` every step.
 
-    ``cautious=True`` decays only coordinates where the optimizer's step already
-    moves ``w`` toward zero, ``u ← u − c_t·λ·𝟙(u⊙w ≤ 0)⊙w`` (cautious weight decay,
-    Chen et al. 2025). ``anchor`` decays toward reference weights instead of zero,
-    as :func:`decay_toward` does. With bfloat16/float16 weights a ``RuntimeWarning``
-    says when ``c·λ`` is too small to change them at all."""
+    `cautious=True` decays only coordinates where the optimizer's step already
+    moves `w` toward zero, `u ← u − c_t·λ·𝟙(u⊙w ≤ 0)⊙w` (cautious weight decay,
+    Chen et al. 2025). `anchor` decays toward reference weights instead of zero,
+    as [`decay_toward`][wdjax.transforms.decay_toward] does. With
+    bfloat16/float16 weights a `RuntimeWarning` says when `c·λ` is too small to
+    change them at all."""
     _validated(rate, mask, learning_rate=learning_rate, max_learning_rate=max_learning_rate)
     multiplier(lr_coupling, learning_rate, max_learning_rate)  # the coupling's own checks
     return _decoupled(rate, mask, learning_rate, lr_coupling, max_learning_rate, cautious, anchor)
@@ -270,9 +271,10 @@ def _decoupled(
 def decay_toward(
     anchor: Params, rate: Rate, mask: Mask = None, **kwargs: Any
 ) -> optax.GradientTransformation:
-    """Decoupled decay toward reference weights, ``u ← u − c_t·λ_t·(w − w₀)``
-    (the decoupled form of L2-SP). Keyword arguments as :func:`decoupled_weight_decay`;
-    ``anchor`` lives in the state, so it is checkpointed and sharded with it."""
+    """Decoupled decay toward reference weights, `u ← u − c_t·λ_t·(w − w₀)`
+    (the decoupled form of L2-SP). Keyword arguments as
+    [`decoupled_weight_decay`][wdjax.transforms.decoupled_weight_decay];
+    `anchor` lives in the state, so it is checkpointed and sharded with it."""
     return decoupled_weight_decay(rate, mask, anchor=anchor, **kwargs)
 
 
@@ -289,9 +291,9 @@ def l1_proximal(
     rate: Rate, mask: Mask = None, *, learning_rate: ScalarOrSchedule | None = None
 ) -> optax.GradientTransformation:
     """Proximal L1 (soft-thresholding), last in a chain:
-    ``w⁺ = w + u;  u ← sign(w⁺)·max(|w⁺| − η_t·λ_t, 0) − w``.
+    `w⁺ = w + u;  u ← sign(w⁺)·max(|w⁺| − η_t·λ_t, 0) − w`.
 
-    Unlike the subgradient of ``λ·Σ|w|``, this yields exact zeros. ``learning_rate``
+    Unlike the subgradient of `λ·Σ|w|`, this yields exact zeros. `learning_rate`
     is the η (value or schedule) the optimizer before it uses."""
     number = isinstance(mask, (int, float)) and not isinstance(mask, bool)
     if learning_rate is None and (number or np.ndim(mask) == 0 and hasattr(mask, "dtype")):
@@ -323,9 +325,9 @@ def _l1_proximal(
 def max_norm(
     max_value: float, mask: Mask = None, *, axis: int | tuple[int, ...] = 0
 ) -> optax.GradientTransformation:
-    """Projection like Keras ``MaxNorm``, last in a chain:
-    ``w⁺ = w + u;  u ← w⁺·min(1, c/‖w⁺‖) − w``, norms over ``axis`` (``0`` for a
-    Dense kernel ``(in, out)``: one norm per output unit)."""
+    """Projection like Keras `MaxNorm`, last in a chain:
+    `w⁺ = w + u;  u ← w⁺·min(1, c/‖w⁺‖) − w`, norms over `axis` (`0` for a
+    Dense kernel `(in, out)`: one norm per output unit)."""
     ints = isinstance(mask, tuple) and mask and all(isinstance(a, int) for a in mask)
     if (isinstance(mask, int) and not isinstance(mask, bool)) or ints:
         _moved_to_keyword("max_norm", "axis")  # the 0.1 form max_norm(c, axis)

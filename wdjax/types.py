@@ -1,19 +1,14 @@
 """The vocabulary of wdjax: the types every module annotates with, and dtype helpers.
 
-================  =====================================================================
-name              what it is
-================  =====================================================================
-``Params``        a pytree of arrays (a linen dict, an ``nnx.State``, an Equinox module)
-``Scalar``        a float, or a 0-d (possibly traced) array
-``Schedule``      ``step -> value``, as in Optax
-``ScalarOrSchedule``  either of the two
-``Rate``          a scalar or schedule, a pytree of per-leaf rates, or a
-                  :class:`wdjax.rates.RateMap`
-``Mask``          ``None``, a :class:`wdjax.masks.Selector`, glob string(s), a bool pytree
-                  (or a prefix of one), or ``params -> bool pytree``
-``Coupling``      what multiplies λ in decoupled decay: ``"lr" | "schedule" | "corrected"
-                  | "constant"``
-================  =====================================================================
+* `Params`: a pytree of arrays (a linen dict, an `nnx.State`, an Equinox module).
+* `Scalar`: a float, or a 0-d (possibly traced) array.
+* `Schedule`: `step -> value`, as in Optax; `ScalarOrSchedule`: either.
+* `Rate`: a scalar or schedule, a pytree of per-leaf rates, or a
+  [`wdjax.groups.RateMap`][].
+* `Mask`: `None`, a [`wdjax.masks.Selector`][], glob string(s), a bool pytree
+  (or a prefix of one), or `params -> bool pytree`.
+* `Coupling`: what multiplies λ in decoupled decay, `"lr"`, `"schedule"`,
+  `"corrected"` or `"constant"`.
 """
 
 from __future__ import annotations
@@ -44,5 +39,5 @@ def is_float(leaf: Any) -> bool:
 
 
 def f32(x: jax.Array) -> jax.Array:
-    """``x`` in at least float32 (bfloat16/float16 are promoted, float64 is kept)."""
+    """`x` in at least float32 (bfloat16/float16 are promoted, float64 is kept)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -1,4 +1,4 @@
-"""Checkpoints of a :class:`wdjax.train.TrainState` and its history, with orbax-checkpoint."""
+"""Checkpoints of a [`wdjax.lab.train.TrainState`][] and its history, with orbax-checkpoint."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def _ocp() -> Any:
 
 @dataclasses.dataclass
 class Checkpointer:
-    """Saves every ``every`` steps (and at the end of :func:`wdjax.train.fit`) into
-    ``directory``, keeping the newest ``keep``; :meth:`restore` resumes the latest."""
+    """Saves every `every` steps (and at the end of [`wdjax.lab.train.fit`][]) into
+    `directory`, keeping the newest `keep`;
+    [`restore`][wdjax.lab.checkpoint.Checkpointer.restore] resumes the latest."""
 
     directory: str | pathlib.Path
     every: int
@@ -51,7 +52,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore(self, like: Any, history: list[dict]) -> tuple[Any, list[dict]]:
-        """The latest saved state (shaped like ``like``) and history, or the inputs if none."""
+        """The latest saved state (shaped like `like`) and history, or the inputs if none."""
         step = self._manager.latest_step()
         if step is None:
             return like, history

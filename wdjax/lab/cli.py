@@ -49,7 +49,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _number(kind: type, low: float = 0.0, high: float | None = None, closed: bool = False) -> Any:
-    """Parse a number in ``[low, high)`` (``[low, high]`` with ``closed``)."""
+    """Parse a number in `[low, high)` (`[low, high]` with `closed`)."""
 
     def parse(text: str) -> Any:
         try:
@@ -78,7 +78,7 @@ def _list_of(item: Any) -> Any:
 
 
 def _assignment(text: str) -> tuple[str, Any]:
-    """``key=value`` with a Python literal value (``widths=128,128`` is a tuple)."""
+    """`key=value` with a Python literal value (`widths=128,128` is a tuple)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
@@ -93,7 +93,7 @@ _count = _number(int, low=1)
 
 
 def parse_mask(words: Sequence[str]) -> Any:
-    """``default`` | ``all`` | ``none`` | glob patterns -> a mask for :mod:`wdjax.masks`."""
+    """`default` | `all` | `none` | glob patterns -> a mask for [`wdjax.masks`][]."""
     if len(words) == 1 and words[0] in MASKS:
         return MASKS[words[0]]
     if any(w in MASKS for w in words):
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Any, training: bool = True) -> argparse.ArgumentParser:
         """A subcommand with the model and data options, and for training commands the
-        optimizer options, ``--out`` and ``--no-progress``."""
+        optimizer options, `--out` and `--no-progress`."""
         p = sub.add_parser(
             name, help=DESCRIPTION[name], description=DESCRIPTION[name], formatter_class=_Help
         )

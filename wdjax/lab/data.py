@@ -1,7 +1,8 @@
 """Small image-classification datasets as NumPy arrays: digits, MNIST, Fashion-MNIST, XOR.
 
 Every problem with the data (missing files, bad checksums, corrupt IDX files, wrong shapes)
-raises :class:`DataError` with a one-line message saying what was expected where.
+raises [`DataError`][wdjax.lab.data.DataError] with a one-line message saying what was
+expected where.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train/val/test splits: ``x`` float32 in [0, 1] (NHWC for images), ``y`` int32 labels.
+    """Train/val/test splits: `x` float32 in [0, 1] (NHWC for images), `y` int32 labels.
 
-    ``source`` says where the arrays came from; ``verified`` names the files whose checksums
+    `source` says where the arrays came from; `verified` names the files whose checksums
     were checked while loading.
     """
 
@@ -72,7 +73,7 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def arrays(self, split: str) -> dict[str, np.ndarray]:
-        """``{"x", "y"}`` of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+        """`{"x", "y"}` of `split` (`"train"`, `"val"` or `"test"`)."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         return {"x": getattr(self, f"x_{split}"), "y": getattr(self, f"y_{split}")}
@@ -85,7 +86,7 @@ class Dataset:
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> pathlib.Path | None:
-    """The data directory: ``explicit`` if given, else ``$WDJAX_DATA`` if set, else None."""
+    """The data directory: `explicit` if given, else `$WDJAX_DATA` if set, else None."""
     if explicit is not None:
         return pathlib.Path(explicit).expanduser()
     env = os.environ.get("WDJAX_DATA")
@@ -144,7 +145,7 @@ def _md5(path: pathlib.Path) -> str:
 def _check_md5sums(
     name: str, directory: pathlib.Path, files: list[pathlib.Path]
 ) -> tuple[str, ...]:
-    """Verify ``files`` listed in ``directory/MD5SUMS`` (``<md5>  <filename>`` lines)."""
+    """Verify `files` listed in `directory/MD5SUMS` (`<md5>  <filename>` lines)."""
     sums_file = directory / "MD5SUMS"
     if not sums_file.is_file():
         return ()
@@ -224,7 +225,7 @@ def _candidates(name: str, base: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _find(name: str, base: pathlib.Path) -> pathlib.Path | None:
-    """The first candidate directory holding t10k IDX files or ``<name>.npz``."""
+    """The first candidate directory holding t10k IDX files or `<name>.npz`."""
     for d in _candidates(name, base):
         if _idx_file(d, "t10k-images-idx3-ubyte") or (d / f"{name}.npz").is_file():
             return d
@@ -300,11 +301,11 @@ def _load_xor() -> Dataset:
 def download(
     name: str, dest_dir: str | os.PathLike, *, base_url: str | None = None
 ) -> pathlib.Path:
-    """Fetch the four IDX .gz files of ``name`` into ``dest_dir``; return ``dest_dir`` as a Path.
+    """Fetch the four IDX .gz files of `name` into `dest_dir`; return `dest_dir` as a Path.
 
-    Each file is md5-checked against :data:`MD5` and moved into place only when it matches;
-    files already there with the right checksum are kept. On a mismatch the bad file is
-    removed and DataError raised.
+    Each file is md5-checked against [`MD5`][wdjax.lab.data.MD5] and moved into place
+    only when it matches; files already there with the right checksum are kept. On a
+    mismatch the bad file is removed and DataError raised.
     """
     if name not in MD5:
         raise DataError(f"download: unknown dataset {name!r}; expected one of {', '.join(MD5)}")
@@ -350,19 +351,19 @@ def load(
     test_fraction: float = 0.2,
     download: bool = False,
 ) -> Dataset:
-    """Load a dataset from :data:`DATASETS`.
+    """Load a dataset from [`DATASETS`][wdjax.lab.data.DATASETS].
 
-    - ``digits``: scikit-learn's 8x8 digits (x / 16), stratified train/val/test split by ``seed``.
-    - ``mnist``, ``fashion_mnist`` (x / 255): IDX files (``train-*``/``t10k-*``, raw or .gz) or a
-      Keras-style ``<name>.npz``, looked for in ``DIR`` then ``DIR/mnist`` for mnist, and in
-      ``DIR/fashion_mnist`` then ``DIR`` for fashion_mnist. ``DIR`` is ``data_dir``, else
-      ``$WDJAX_DATA``, else ``~/.cache/wdjax``. The official train set is split into train/val
-      (``val_fraction``; ``test_fraction`` unused) and t10k is the test set; if only the
+    - `digits`: scikit-learn's 8x8 digits (x / 16), stratified train/val/test split by `seed`.
+    - `mnist`, `fashion_mnist` (x / 255): IDX files (`train-*`/`t10k-*`, raw or .gz) or a
+      Keras-style `<name>.npz`, looked for in `DIR` then `DIR/mnist` for mnist, and in
+      `DIR/fashion_mnist` then `DIR` for fashion_mnist. `DIR` is `data_dir`, else
+      `$WDJAX_DATA`, else `~/.cache/wdjax`. The official train set is split into train/val
+      (`val_fraction`; `test_fraction` unused) and t10k is the test set; if only the
       t10k files exist, those 10k images are split into train/val/test by the fractions
-      (stratified, seeded). A directory's ``MD5SUMS`` file is checked for the files read.
-      With ``download=True`` and nothing found, the files are downloaded into
-      ``DIR/<name>`` first.
-    - ``xor``: the 4 XOR points, x of shape (4, 2), used as train, val and test.
+      (stratified, seeded). A directory's `MD5SUMS` file is checked for the files read.
+      With `download=True` and nothing found, the files are downloaded into
+      `DIR/<name>` first.
+    - `xor`: the 4 XOR points, x of shape (4, 2), used as train, val and test.
     """
     if name == "digits":
         return _load_digits(seed, val_fraction, test_fraction)

@@ -8,10 +8,10 @@ import numpy as np
 def kfold_rows(
     y: np.ndarray, folds: int, seed: int = 0, stratified: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices ``(train, held_out)``, shapes ``(folds, (folds−1)·m)`` and ``(folds, m)``
-    with ``m = ⌊n/folds⌋``, for ``n = len(y)`` examples: a seeded permutation (grouped
-    by the labels ``y`` when ``stratified``, so every fold gets each class in
-    proportion, to within one row) dealt round-robin into folds; the ``n mod folds``
+    """Row indices `(train, held_out)`, shapes `(folds, (folds−1)·m)` and `(folds, m)`
+    with `m = ⌊n/folds⌋`, for `n = len(y)` examples: a seeded permutation (grouped
+    by the labels `y` when `stratified`, so every fold gets each class in
+    proportion, to within one row) dealt round-robin into folds; the `n mod folds`
     rows left over (at most one per fold) are dropped."""
     y = np.asarray(y)
     if not 2 <= folds <= len(y):

@@ -25,15 +25,15 @@ def _intermediate_bytes(jaxpr: jex.Jaxpr) -> int:
 
 def member_bytes(step: Callable, state: Any, batch: Any) -> int:
     """Bytes one member needs: its state plus every intermediate value of one
-    ``step(state, batch)`` (summed over the step's jaxpr: an upper bound on its live
-    activations). ``state`` and ``batch`` may be shape-dtype structs."""
+    `step(state, batch)` (summed over the step's jaxpr: an upper bound on its live
+    activations). `state` and `batch` may be shape-dtype structs."""
     jaxpr = jax.make_jaxpr(step)(state, batch).jaxpr
     return nbytes(state) + _intermediate_bytes(jaxpr)
 
 
 def memory_budget() -> int:
-    """Bytes for a sweep's members: ``DEVICE_MEMORY_FRACTION`` of the free memory of
-    ``jax.devices()[0]`` if it reports ``memory_stats()``, else ``CPU_MEMORY_BUDGET``."""
+    """Bytes for a sweep's members: `DEVICE_MEMORY_FRACTION` of the free memory of
+    `jax.devices()[0]` if it reports `memory_stats()`, else `CPU_MEMORY_BUDGET`."""
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return CPU_MEMORY_BUDGET

@@ -1,4 +1,4 @@
-"""Reference Flax NNX models (MLP, CNN) behind a pure functional ``init``/``apply`` face."""
+"""Reference Flax NNX models (MLP, CNN) behind a pure functional `init`/`apply` face."""
 
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ class _MLP(nnx.Module):
 
 class _CNN(nnx.Module):
     """[Conv 3x3 -> (BatchNorm) -> relu -> maxpool 2x2] * len(channels) -> Dense -> relu
-    -> (Dropout) -> Dense head. Convolutions and pooling use :mod:`wdjax.ops`, whose
-    backward passes stay fast inside ``lax.scan`` on CPU (same values and gradients)."""
+    -> (Dropout) -> Dense head. Convolutions and pooling use [`wdjax.lab.ops`][], whose
+    backward passes stay fast inside `lax.scan` on CPU (same values and gradients)."""
 
     def __init__(
         self,
@@ -130,7 +130,7 @@ class _CNN(nnx.Module):
 @dataclass(frozen=True)
 class Entry:
     """A registered model: its factory (whose keyword arguments are the model's config)
-    and the ``nnx.Module`` class it builds."""
+    and the `nnx.Module` class it builds."""
 
     factory: Callable[..., Model]
     module: type[nnx.Module]
@@ -140,8 +140,8 @@ REGISTRY: dict[str, Entry] = {}  # filled by @register; the one list of models
 
 
 def register(name: str, module: type[nnx.Module]) -> Callable:
-    """Register a factory ``f(*, input_shape, num_classes, **config) -> Model`` under
-    ``name``, building ``module``: the one step that adds a model to the lab and CLI."""
+    """Register a factory `f(*, input_shape, num_classes, **config) -> Model` under
+    `name`, building `module`: the one step that adds a model to the lab and CLI."""
 
     def add(factory: Callable[..., Model]) -> Callable[..., Model]:
         REGISTRY[name] = Entry(factory, module)
@@ -151,7 +151,7 @@ def register(name: str, module: type[nnx.Module]) -> Callable:
 
 
 def _to_state(template: nnx.State, pure: dict[str, Any], what: str) -> nnx.State:
-    """Fill a copy of the abstract ``template`` State with the arrays of a pure dict."""
+    """Fill a copy of the abstract `template` State with the arrays of a pure dict."""
     slots = dict(nnx.to_flat_state(template))
     values = traverse_util.flatten_dict(pure)
     if set(values) != set(slots):
@@ -171,7 +171,7 @@ def _to_state(template: nnx.State, pure: dict[str, Any], what: str) -> nnx.State
 class Model:
     """A reference model as two pure functions over plain nested dicts of arrays.
 
-    Equality and hashing use ``name``, ``input_shape``, ``num_classes`` and ``config`` only, so
+    Equality and hashing use `name`, `input_shape`, `num_classes` and `config` only, so
     a Model can be a static argument (or closure constant) of a jitted function.
     """
 
@@ -198,7 +198,7 @@ class Model:
         )
 
     def init(self, key: jax.Array) -> tuple[Params, ModelState]:
-        """Fresh ``(params, model_state)``: Param leaves, and the rest (batch stats, or {})."""
+        """Fresh `(params, model_state)`: Param leaves, and the rest (batch stats, or {})."""
         _, params, model_state = nnx.split(self._module(nnx.Rngs(params=key)), nnx.Param, ...)
         return nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
 
@@ -211,9 +211,9 @@ class Model:
         train: bool,
         rng: jax.Array | None = None,
     ) -> tuple[jax.Array, ModelState]:
-        """float32 logits for a batch ``x`` of shape ``(batch, *input_shape)``, and the new
-        model_state (batch stats updated only when ``train``). ``rng`` drives dropout and is
-        required when ``train`` and dropout > 0."""
+        """float32 logits for a batch `x` of shape `(batch, *input_shape)`, and the new
+        model_state (batch stats updated only when `train`). `rng` drives dropout and is
+        required when `train` and dropout > 0."""
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"{self.name} expects inputs of shape (batch, *{self.input_shape}), got {x.shape}"
@@ -278,7 +278,7 @@ MODELS = tuple(REGISTRY)
 
 
 def config_names(name: str) -> list[str]:
-    """The config keywords of model ``name``: its factory's, less the data's shapes."""
+    """The config keywords of model `name`: its factory's, less the data's shapes."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(REGISTRY)}")
     params = inspect.signature(REGISTRY[name].factory).parameters
@@ -288,8 +288,10 @@ def config_names(name: str) -> list[str]:
 def create(
     name: str, *, input_shape: tuple[int, ...], num_classes: int = 10, **config: Any
 ) -> Model:
-    """Build model ``name`` (a key of :data:`REGISTRY`) with its factory's keyword
-    ``config``; unknown keys raise ``ValueError`` listing the valid ones."""
+    """Build model `name` (a key of
+    [`REGISTRY`][wdjax.lab.models.REGISTRY]) with its factory's
+    keyword `config`; unknown keys raise `ValueError` listing the
+    valid ones."""
     valid = config_names(name)
     unknown = sorted(set(config) - set(valid))
     if unknown:

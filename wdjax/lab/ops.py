@@ -1,12 +1,12 @@
-"""Convolution and pooling with backward passes XLA:CPU runs fast inside ``lax.scan``.
+"""Convolution and pooling with backward passes XLA:CPU runs fast inside `lax.scan`.
 
 XLA:CPU has a fast (Eigen) kernel only for the plain NHWC/HWIO forward convolution. In a
-plain ``jit`` it rewrites the transposed convolutions of JAX's autodiff into that form;
-inside a ``while`` loop (``lax.scan``, which :func:`wdjax.train.fit` uses) it does not,
+plain `jit` it rewrites the transposed convolutions of JAX's autodiff into that form;
+inside a `while` loop (`lax.scan`, which [`wdjax.lab.train.fit`][] uses) it does not,
 and they run as naive loops, ~10x slower (jax-ml/jax#12868). The gradient of
-``reduce_window`` max-pooling is a scatter, also a scalar loop on CPU. Here both
+`reduce_window` max-pooling is a scatter, also a scalar loop on CPU. Here both
 backward passes are written as ordinary forward convolutions and elementwise ops; values
-and gradients equal those of ``lax.conv_general_dilated`` and ``nnx.max_pool``.
+and gradients equal those of `lax.conv_general_dilated` and `nnx.max_pool`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _conv(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
-    """Stride-1 NHWC/HWIO convolution ``y = x ⋆ w`` with explicit ``padding``."""
+    """Stride-1 NHWC/HWIO convolution `y = x ⋆ w` with explicit `padding`."""
     return _conv(x, w, padding)
 
 
@@ -63,9 +63,9 @@ def conv_general_dilated(
     feature_group_count: int = 1,
     **kwargs: Any,
 ) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated`` (``nnx.Conv(conv_general_dilated=...)``):
+    """Drop-in for `lax.conv_general_dilated` (`nnx.Conv(conv_general_dilated=...)`):
     the plain 2-D case (stride 1, no dilation, one group, NHWC/HWIO) goes through
-    :func:`conv2d`; anything else falls through to ``lax`` unchanged."""
+    [`conv2d`][wdjax.lab.ops.conv2d]; anything else falls through to `lax` unchanged."""
     plain = (
         lhs.ndim == 4
         and tuple(window_strides) == (1, 1)
@@ -86,8 +86,8 @@ def conv_general_dilated(
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2×2 max-pool, stride 2, VALID, on NHWC: the max of four strided slices, so its
-    gradient is elementwise. At exact ties ``jnp.maximum`` shares the gradient where
-    ``reduce_window`` gives it to one element; after a ReLU such ties are zeros, whose
+    gradient is elementwise. At exact ties `jnp.maximum` shares the gradient where
+    `reduce_window` gives it to one element; after a ReLU such ties are zeros, whose
     gradient is zero either way."""
     x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
     return jnp.maximum(

@@ -1,7 +1,9 @@
 """Everything the lab shows a person: progress bars, text tables, JSON and PNG plots,
-for training runs (:func:`plot_history`) and sweeps (:func:`sweep_table`,
-:func:`write_json`, :func:`plot_sweep`). matplotlib and tqdm are optional extras,
-imported only when used."""
+for training runs ([`plot_history`][wdjax.lab.report.plot_history]) and sweeps
+([`sweep_table`][wdjax.lab.report.sweep_table],
+[`write_json`][wdjax.lab.report.write_json],
+[`plot_sweep`][wdjax.lab.report.plot_sweep]). matplotlib and tqdm are optional
+extras, imported only when used."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def _ok(value: Any) -> bool:
 
 
 def write_json(doc: Any, path: str | os.PathLike) -> None:
-    """Write ``doc`` as indented JSON, non-finite floats as null."""
+    """Write `doc` as indented JSON, non-finite floats as null."""
     with open(path, "w") as f:
         json.dump(finite(doc), f, indent=1)
 
@@ -102,7 +104,7 @@ def _num(value: Any) -> str:
 
 
 def sweep_table(result: Any) -> str:
-    """Every setting of a :class:`wdjax.lab.sweeps.SweepResult`, mean ± std over its
+    """Every setting of a [`wdjax.lab.sweeps.SweepResult`][], mean ± std over its
     runs, the chosen one starred; then the rule and the choice."""
     names = list(result.config["grid"])
     s0 = result.settings[0]

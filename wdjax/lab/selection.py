@@ -1,10 +1,10 @@
 """Summaries of repeated runs and the choice of a setting from them.
 
 A *setting* is one point of a hyperparameter grid, a dict that carries its own
-hyperparameters by name (``{"weight_decay": 1e-3, "learning_rate": 1e-2, ...}``); its
-``r`` runs (seeds × folds) are summarized per final metric ``m`` by the mean ``x̄``,
-the sample standard deviation ``s`` and the standard error ``s/√r``, stored as ``m_mean``,
-``m_std`` and ``m_se``.
+hyperparameters by name (`{"weight_decay": 1e-3, "learning_rate": 1e-2, ...}`); its
+`r` runs (seeds × folds) are summarized per final metric `m` by the mean `x̄`,
+the sample standard deviation `s` and the standard error `s/√r`, stored as `m_mean`,
+`m_std` and `m_se`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ SELECTS: tuple[str, ...] = ("best", "one_se")
 
 
 def summarize(final: Mapping[str, np.ndarray], runs: np.ndarray) -> dict[str, Any]:
-    """``n`` runs (selected by the bool mask ``runs``) and, for each final metric, its
-    mean ``x̄``, sample standard deviation ``s`` (0 for one run) and standard error ``s/√n``."""
+    """`n` runs (selected by the bool mask `runs`) and, for each final metric, its
+    mean `x̄`, sample standard deviation `s` (0 for one run) and standard error `s/√n`."""
     n = int(np.sum(runs))
     out: dict[str, Any] = {"n": n}
     for k, v in final.items():
@@ -43,12 +43,12 @@ def select_setting(
     names: Sequence[str] = ("weight_decay",),
     along: str = "weight_decay",
 ) -> int:
-    """Index of the chosen setting by the mean of metric ``key`` (NaN never wins).
+    """Index of the chosen setting by the mean of metric `key` (NaN never wins).
 
-    ``"best"``: the best mean. ``"one_se"``: among the settings that share the best one's
-    other hyperparameters (those in ``names`` but ``along``), the largest ``along`` (λ:
+    `"best"`: the best mean. `"one_se"`: among the settings that share the best one's
+    other hyperparameters (those in `names` but `along`), the largest `along` (λ:
     the most regularized) whose mean is within one standard error of the best,
-    ``score ≥ score_best − se_best``."""
+    `score ≥ score_best − se_best`."""
     mean = np.array([s[f"{key}_mean"] for s in settings], float)
     score = np.where(np.isnan(mean), -np.inf, mean if maximize else -mean)
     best = int(np.argmax(score))

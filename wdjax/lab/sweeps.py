@@ -1,34 +1,36 @@
-"""Hyperparameter sweeps as one program: ``jax.vmap`` over (λ, η, α, seed, fold), any model.
+"""Hyperparameter sweeps as one program: `jax.vmap` over (λ, η, α, seed, fold), any model.
 
 A *member* is one training run. The optimizer is built once; its injected
-hyperparameters (``weight_decay`` λ, ``learning_rate`` η, ``l1`` α, or any other that
-``optax.inject_hyperparams`` put in its state) are per-member float32 values in the
-vmapped optimizer state, so K members train as one compiled ``lax.scan`` per epoch.
-Each member is the run :func:`wdjax.lab.train.fit` does with the same seed and
+hyperparameters (`weight_decay` λ, `learning_rate` η, `l1` α, or any other that
+`optax.inject_hyperparams` put in its state) are per-member float32 values in the
+vmapped optimizer state, so K members train as one compiled `lax.scan` per epoch.
+Each member is the run [`wdjax.lab.train.fit`][] does with the same seed and
 hyperparameters (same init, batches and updates) up to float32 rounding: XLA picks
 fusions and reduction orders by array shape, so a K-wide program can round differently
 in the last bits.
 
-The model is anything :func:`wdjax.lab.tasks.as_task` takes: a reference model by name,
-a :class:`~wdjax.lab.models.Model`, or your own :class:`~wdjax.lab.tasks.Task` built
-with :func:`wdjax.lab.tasks.task` from ``init(key) -> params`` and
-``loss(params, batch) -> scalar``::
+The model is anything [`wdjax.lab.tasks.as_task`][] takes: a reference model by name,
+a [`Model`][wdjax.lab.models.Model], or your own [`Task`][wdjax.lab.tasks.Task] built
+with [`wdjax.lab.tasks.task`][] from `init(key) -> params` and
+`loss(params, batch) -> scalar`:
 
-    import jax, jax.numpy as jnp, numpy as np, wdjax
-    from wdjax.lab import tasks
+```python
+import jax, jax.numpy as jnp, numpy as np, wdjax
+from wdjax.lab import tasks
 
-    x = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
-    y = x @ np.linspace(-1, 1, 8).astype(np.float32)
-    ridge = tasks.task(
-        lambda key: {"w": jnp.zeros((8, 1))},
-        lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"][:, None]) ** 2),
-    )
-    result = wdjax.sweep({"x": x, "y": y}, model=ridge, optimizer=wdjax.sgdw(0.1),
-                         weight_decay=[0.0, 1e-2], folds=4, epochs=3, progress=False)
+x = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+y = x @ np.linspace(-1, 1, 8).astype(np.float32)
+ridge = tasks.task(
+    lambda key: {"w": jnp.zeros((8, 1))},
+    lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"][:, None]) ** 2),
+)
+result = wdjax.sweep({"x": x, "y": y}, model=ridge, optimizer=wdjax.sgdw(0.1),
+                     weight_decay=[0.0, 1e-2], folds=4, epochs=3, progress=False)
+```
 
 k-fold cross-validation pools the training (and validation) rows, deals them into
-``folds`` seeded folds of equal size (stratified by an integer ``"y"``, when there is
-one) and trains fold ``f`` on the row indices of the others: one copy of the data, folds
+`folds` seeded folds of equal size (stratified by an integer `"y"`, when there is
+one) and trains fold `f` on the row indices of the others: one copy of the data, folds
 vmapped like any other axis. When K members do not fit in memory they run in chunks
 (the last one padded by repeating its last member, so one compiled program serves
 every chunk).
@@ -66,16 +68,16 @@ HYPERPARAMS = ("weight_decay", "learning_rate", "l1")  # of the named optimizers
 
 @dataclasses.dataclass
 class SweepResult:
-    """What :func:`sweep` found.
+    """What [`sweep`][wdjax.lab.sweeps.sweep] found.
 
-    ``settings``: one dict per grid point, carrying its hyperparameters by name, ``n``
-    runs (seeds × folds) and ``<m>_mean``, ``<m>_std``, ``<m>_se`` of each final metric
-    ``m`` (training ``loss`` and the task's metrics over the last epoch,
-    ``val_<name>`` for each validation metric, ``weight_norm``, ``zero_fraction``...).
-    ``members``: one dict per run (setting index, hyperparameters, seed, fold, final
-    metrics). ``history``: per-epoch metrics, arrays ``(members, epochs)``.
-    ``params``/``model_state``: final weights, stacked over members. ``chosen_index``:
-    the chosen setting (see :func:`wdjax.lab.selection.select_setting`)."""
+    `settings`: one dict per grid point, carrying its hyperparameters by name, `n`
+    runs (seeds × folds) and `<m>_mean`, `<m>_std`, `<m>_se` of each final metric
+    `m` (training `loss` and the task's metrics over the last epoch,
+    `val_<name>` for each validation metric, `weight_norm`, `zero_fraction`...).
+    `members`: one dict per run (setting index, hyperparameters, seed, fold, final
+    metrics). `history`: per-epoch metrics, arrays `(members, epochs)`.
+    `params`/`model_state`: final weights, stacked over members. `chosen_index`:
+    the chosen setting (see [`wdjax.lab.selection.select_setting`][])."""
 
     settings: list[dict[str, Any]]
     members: list[dict[str, Any]]
@@ -133,7 +135,7 @@ def _program(
     def epoch(
         state: TrainState, train: Batch, rows: Any, val: Batch, held: Any, length: int
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        """``length`` steps of every member, then its epoch metrics and validation."""
+        """`length` steps of every member, then its epoch metrics and validation."""
         member = jax.vmap(lambda s, r: run_steps(step, s, train, batch_size, length, r))
         state, m = member(state, rows)
         score = jax.vmap(
@@ -150,8 +152,8 @@ def _program(
 
 @dataclasses.dataclass(frozen=True)
 class _Data:
-    """Arrays to train on (``rows``: per-fold row indices; None: all rows) and to
-    validate on (``held``: per-fold held-out rows; None: all of ``val``)."""
+    """Arrays to train on (`rows`: per-fold row indices; None: all rows) and to
+    validate on (`held`: per-fold held-out rows; None: all of `val`)."""
 
     train: Batch
     rows: np.ndarray | None
@@ -187,12 +189,12 @@ class _Data:
         return n if self.rows is None else self.rows.shape[1]
 
     def member_rows(self, folds: np.ndarray) -> tuple[jax.Array | None, jax.Array | None]:
-        """Training and held-out rows of members in ``folds`` (None, None without folds)."""
+        """Training and held-out rows of members in `folds` (None, None without folds)."""
         return tuple(None if r is None else jnp.asarray(r[folds]) for r in (self.rows, self.held))
 
 
 def _injected(opt_state: Any) -> set[str]:
-    """Names of the hyperparameters ``optax.inject_hyperparams`` put in ``opt_state``."""
+    """Names of the hyperparameters `optax.inject_hyperparams` put in `opt_state`."""
     found = jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
     return {k for s in found for k in getattr(s, "hyperparams", {})}
 
@@ -211,8 +213,8 @@ def _train(
     chunk_size: int,
     progress: bool,
 ) -> tuple[dict[str, np.ndarray], Any, Any]:
-    """Train members ``i = (hyper[h][i], seeds[i], folds[i])`` in chunks; return per-epoch
-    metrics ``(members, epochs)`` and the final params and model_state stacked over members."""
+    """Train members `i = (hyper[h][i], seeds[i], folds[i])` in chunks; return per-epoch
+    metrics `(members, epochs)` and the final params and model_state stacked over members."""
     inits = {s: init_state(task, opt, jax.random.PRNGKey(s)) for s in set(seeds.tolist())}
     steps_per_epoch = d.n_train // batch_size
     n = len(seeds)
@@ -284,25 +286,25 @@ def sweep(
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
-    """Train every member of the grid ``weight_decay × learning_rate × l1 × hyperparams ×
-    seeds (× folds)`` together, and choose a setting.
+    """Train every member of the grid `weight_decay × learning_rate × l1 × hyperparams ×
+    seeds (× folds)` together, and choose a setting.
 
-    ``data``: a Dataset, a name for :func:`wdjax.lab.data.load`, ``(train, val)`` pytrees
-    of arrays, or one pytree of training arrays (with ``folds``). ``model``: a name for
-    :func:`wdjax.lab.models.create` (with ``model_config``), a Model, or your own
-    :class:`~wdjax.lab.tasks.Task`. ``optimizer``: a name in
-    :data:`wdjax.optimizers.OPTIMIZERS` built with ``optimizer_config`` (``momentum``,
-    ``lr_coupling``, ``mask``...), or any optimizer whose swept hyperparameters are
-    injected (every wdjax optimizer; ``optax.inject_hyperparams(...)``). A grid axis left
-    ``None`` is not swept (a named optimizer then uses η = 1e-3 and no L1 step);
-    ``hyperparams`` sweeps further injected ones by name. ``penalties`` are added to
-    the loss; ``mask`` is the decayed group of the weight-norm metrics.
+    `data`: a Dataset, a name for [`wdjax.lab.data.load`][], `(train, val)` pytrees
+    of arrays, or one pytree of training arrays (with `folds`). `model`: a name for
+    [`wdjax.lab.models.create`][] (with `model_config`), a Model, or your own
+    [`Task`][wdjax.lab.tasks.Task]. `optimizer`: a name in
+    [`wdjax.optimizers.OPTIMIZERS`][] built with `optimizer_config` (`momentum`,
+    `lr_coupling`, `mask`...), or any optimizer whose swept hyperparameters are
+    injected (every wdjax optimizer; `optax.inject_hyperparams(...)`). A grid axis left
+    `None` is not swept (a named optimizer then uses η = 1e-3 and no L1 step);
+    `hyperparams` sweeps further injected ones by name. `penalties` are added to
+    the loss; `mask` is the decayed group of the weight-norm metrics.
 
-    Selection: ``metric`` (a validation metric of the task; default ``accuracy`` if it
-    has one, else ``loss``), maximized or minimized (default: maximize names ending in
-    ``accuracy``), by ``select`` (see :func:`wdjax.lab.selection.select_setting`).
-    ``chunk_size``: members trained at once (default: as many as fit
-    :func:`wdjax.lab.memory.memory_budget`)."""
+    Selection: `metric` (a validation metric of the task; default `accuracy` if it
+    has one, else `loss`), maximized or minimized (default: maximize names ending in
+    `accuracy`), by `select` (see [`wdjax.lab.selection.select_setting`][]).
+    `chunk_size`: members trained at once (default: as many as fit
+    [`wdjax.lab.memory.memory_budget`][])."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if epochs < 1 or not seeds or (chunk_size is not None and chunk_size < 1):

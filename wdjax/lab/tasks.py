@@ -1,19 +1,23 @@
-"""A model and its loss as the train loop and the sweep engine see them: a :class:`Task`.
+"""A model and its loss as the train loop and the sweep engine see them: a
+[`Task`][wdjax.lab.tasks.Task].
 
 A task is three pure functions over a *batch*, a pytree of arrays whose leading axis is
-the example axis (``{"x": images, "y": labels}`` for the reference models)::
+the example axis (`{"x": images, "y": labels}` for the reference models):
 
-    init(key)                               -> (params, model_state)
-    loss(params, model_state, batch, rng)   -> (loss, (model_state, metrics))
-    per_example(params, model_state, batch) -> {name: values of shape (batch,)}
+```text
+init(key)                               -> (params, model_state)
+loss(params, model_state, batch, rng)   -> (loss, (model_state, metrics))
+per_example(params, model_state, batch) -> {name: values of shape (batch,)}
+```
 
-``loss`` is the training objective (a batch mean) in train mode; ``metrics`` are batch
-means reported each step. ``per_example`` runs in eval mode; :func:`evaluate` averages
-it over a data set, which is how every validation and test figure in the lab is made.
+`loss` is the training objective (a batch mean) in train mode; `metrics` are batch
+means reported each step. `per_example` runs in eval mode;
+[`evaluate`][wdjax.lab.tasks.evaluate] averages it over a data set, which is how
+every validation and test figure in the lab is made.
 
-Build one with :func:`task` from your own ``init(key) -> params`` and
-``loss(params, batch) -> scalar`` (Flax, Equinox or plain JAX), or with
-:func:`classifier` from a reference :class:`wdjax.lab.models.Model`.
+Build one with [`task`][wdjax.lab.tasks.task] from your own `init(key) -> params` and
+`loss(params, batch) -> scalar` (Flax, Equinox or plain JAX), or with
+[`classifier`][wdjax.lab.tasks.classifier] from a reference [`wdjax.lab.models.Model`][].
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ ModelState = Any
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
-    """What :func:`wdjax.lab.train.fit` and :func:`wdjax.sweep` need of a model.
+    """What [`wdjax.lab.train.fit`][] and [`wdjax.sweep`][wdjax.lab.sweeps.sweep] need of a model.
 
     Hashed by identity, so a task can be a static argument of a jitted function:
     build it once and reuse it, and compiled programs are reused with it."""
@@ -56,8 +60,8 @@ def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=64)
 def classifier(model: Model) -> Task:
-    """Cross-entropy classification with a reference model on ``{"x", "y"}`` batches;
-    metrics ``loss`` and ``accuracy``. Cached, so one model gives one task."""
+    """Cross-entropy classification with a reference model on `{"x", "y"}` batches;
+    metrics `loss` and `accuracy`. Cached, so one model gives one task."""
 
     def loss(params: Params, model_state: ModelState, batch: Batch, rng: jax.Array) -> tuple:
         logits, model_state = model.apply(params, model_state, batch["x"], train=True, rng=rng)
@@ -79,12 +83,12 @@ def task(
     metrics: Callable[[Params, Batch], Metrics] | None = None,
     name: str = "custom",
 ) -> Task:
-    """A :class:`Task` from your own functions, for models without mutable state.
+    """A [`Task`][wdjax.lab.tasks.Task] from your own functions, for models without mutable state.
 
-    ``init(key) -> params``. ``loss(params, batch) -> scalar`` or ``(scalar, {name:
-    scalar})``; a third parameter, if ``loss`` has one, receives a fresh PRNG key each
-    training step (for dropout) and a fixed one in evaluation. ``metrics(params, batch)
-    -> {name: (batch,) array}`` gives the validation metrics; by default, the loss of
+    `init(key) -> params`. `loss(params, batch) -> scalar` or `(scalar, {name:
+    scalar})`; a third parameter, if `loss` has one, receives a fresh PRNG key each
+    training step (for dropout) and a fixed one in evaluation. `metrics(params, batch)
+    -> {name: (batch,) array}` gives the validation metrics; by default, the loss of
     each example on its own."""
     takes_rng = len(inspect.signature(loss).parameters) >= 3
 
@@ -107,7 +111,8 @@ def task(
 
 
 def as_task(model: Model | Task) -> Task:
-    """A :class:`Task` as is; a reference :class:`Model` as its :func:`classifier`."""
+    """A [`Task`][wdjax.lab.tasks.Task] as is; a reference [`Model`][wdjax.lab.models.Model] as its
+    [`classifier`][wdjax.lab.tasks.classifier]."""
     if isinstance(model, Task):
         return model
     if isinstance(model, Model):
@@ -123,9 +128,9 @@ def evaluate(
     rows: jax.Array | None = None,
     batch_size: int = 1024,
 ) -> Metrics:
-    """The mean of ``task.per_example`` over ``data`` (or its ``rows``), in eval mode:
-    one ``lax.scan`` over batches, the last one padded and masked out. Pure and
-    jittable (``task`` and ``batch_size`` static); vmaps over members."""
+    """The mean of `task.per_example` over `data` (or its `rows`), in eval mode:
+    one `lax.scan` over batches, the last one padded and masked out. Pure and
+    jittable (`task` and `batch_size` static); vmaps over members."""
     n_all = jax.tree.leaves(data)[0].shape[0]
     rows = jnp.arange(n_all) if rows is None else rows
     n = rows.shape[0]

@@ -1,13 +1,13 @@
 """A pure, jit-compiled train step and a fit loop with no per-step host round trip.
 
-``make_train_step(model, optimizer)`` gives ``step(state, batch) -> (state, metrics)``:
+`make_train_step(model, optimizer)` gives `step(state, batch) -> (state, metrics)`:
 
     (L, aux), g = value_and_grad(data_loss + Σ penalties)(params)
     u, opt_state = optimizer.update(g, opt_state, params);  params ← params + u
 
 skipping (and counting, never applying) steps whose gradients are not finite.
-:func:`fit` runs whole epochs, or the stretch up to the next checkpoint, as one
-``lax.scan``; the batch order and dropout keys are pure functions of the step, so
+[`fit`][wdjax.lab.train.fit] runs whole epochs, or the stretch up to the next checkpoint, as one
+`lax.scan`; the batch order and dropout keys are pure functions of the step, so
 resuming from a checkpoint reproduces an uninterrupted run exactly.
 """
 
@@ -60,8 +60,8 @@ class TrainState(NamedTuple):
 def init_state(
     model: Any, optimizer: optax.GradientTransformation, key: jax.Array, params: Params = None
 ) -> TrainState:
-    """Initialize params from ``key`` (or start from given ``params``, e.g. to fine-tune)
-    and the optimizer state from the params. ``model``: a Task or a reference Model."""
+    """Initialize params from `key` (or start from given `params`, e.g. to fine-tune)
+    and the optimizer state from the params. `model`: a Task or a reference Model."""
     init_key, run_key = jax.random.split(key)
     fresh, model_state = as_task(model).init(init_key)
     params = fresh if params is None else jax.tree.map(jnp.array, params)  # a copy: donated
@@ -104,19 +104,21 @@ def make_train_step(
     penalties: Sequence[Penalty] = (),
     mask: Mask = masks.DEFAULT,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """A pure ``step(state, batch) -> (state, metrics)`` (not jitted: jit it, scan it
-    or vmap it; :func:`fit` does all three as needed)::
+    """A pure `step(state, batch) -> (state, metrics)` (not jitted: jit it, scan it
+    or vmap it; [`fit`][wdjax.lab.train.fit] does all three as needed):
 
-        (L, aux), g = value_and_grad(task loss + Σ penalties)(params)
-        u, opt_state = optimizer.update(g, opt_state, params);  params ← params + u
+    ```text
+    (L, aux), g = value_and_grad(task loss + Σ penalties)(params)
+    u, opt_state = optimizer.update(g, opt_state, params);  params ← params + u
+    ```
 
     Steps whose loss or gradients are not finite are skipped and counted, never
-    applied. ``model``: a :class:`~wdjax.lab.tasks.Task` or a reference Model.
+    applied. `model`: a [`Task`][wdjax.lab.tasks.Task] or a reference Model.
 
-    Metrics: ``loss`` (data loss), the task's metrics (``accuracy``), each penalty by
-    name, ``grad_norm``, weight norms (global and for the ``mask``'s decayed / other
-    groups), ``zero_fraction``, ``learning_rate`` and ``weight_decay`` (NaN if the
-    optimizer does not inject them) and ``skipped``."""
+    Metrics: `loss` (data loss), the task's metrics (`accuracy`), each penalty by
+    name, `grad_norm`, weight norms (global and for the `mask`'s decayed / other
+    groups), `zero_fraction`, `learning_rate` and `weight_decay` (NaN if the
+    optimizer does not inject them) and `skipped`."""
     task = as_task(model)
     objective = regularized(task.loss, *penalties, has_aux=True)
 
@@ -159,8 +161,8 @@ def make_train_step(
 
 
 def epoch_batches(rng: jax.Array, epoch: jax.Array, n: int, batch_size: int) -> jax.Array:
-    """Indices ``(steps_per_epoch, batch_size)`` of one epoch: a permutation keyed
-    by ``(rng, epoch)``; the remainder that does not fill a batch is dropped."""
+    """Indices `(steps_per_epoch, batch_size)` of one epoch: a permutation keyed
+    by `(rng, epoch)`; the remainder that does not fill a batch is dropped."""
     perm = jax.random.permutation(jax.random.fold_in(jax.random.split(rng)[0], epoch), n)
     steps = n // batch_size
     return perm[: steps * batch_size].reshape(steps, batch_size)
@@ -175,12 +177,12 @@ def run_steps(
     rows: jax.Array | None = None,
     unroll: bool = False,
 ) -> tuple[TrainState, Metrics]:
-    """``length`` steps from ``state.step`` as one ``lax.scan``, all within one epoch.
+    """`length` steps from `state.step` as one `lax.scan`, all within one epoch.
 
-    ``data`` is a pytree of arrays with a leading example axis (``{"x", "y"}``).
-    ``rows`` (optional) restricts training to those example indices (a fold), so
+    `data` is a pytree of arrays with a leading example axis (`{"x", "y"}`).
+    `rows` (optional) restricts training to those example indices (a fold), so
     vmapped members can train on different subsets of one copy of the data.
-    ``unroll=True`` unrolls the scan (see :func:`fit` on convolutions on CPU)."""
+    `unroll=True` unrolls the scan (see [`fit`][wdjax.lab.train.fit] on convolutions on CPU)."""
     n = jax.tree.leaves(data)[0].shape[0] if rows is None else rows.shape[0]
     steps_per_epoch = n // batch_size
     idx = epoch_batches(state.rng, state.step // steps_per_epoch, n, batch_size)
@@ -205,9 +207,9 @@ def evaluate(
     y: Any = None,
     batch_size: int = 2048,
 ) -> dict[str, float]:
-    """Eval-mode means of the task's metrics over ``data`` (for a reference model,
-    ``{"loss", "accuracy"}``), as Python floats. ``evaluate(model, p, s, x, y)`` is
-    short for ``data={"x": x, "y": y}``."""
+    """Eval-mode means of the task's metrics over `data` (for a reference model,
+    `{"loss", "accuracy"}`), as Python floats. `evaluate(model, p, s, x, y)` is
+    short for `data={"x": x, "y": y}`."""
     if y is not None:
         data = {"x": data, "y": y}
     data = jax.tree.map(jnp.asarray, data)
@@ -216,8 +218,8 @@ def evaluate(
 
 
 def splits(data: Any) -> tuple[Batch, Batch]:
-    """``(train, val)`` pytrees of arrays from a :class:`wdjax.lab.data.Dataset` or a
-    ``(train, val)`` pair."""
+    """`(train, val)` pytrees of arrays from a [`wdjax.lab.data.Dataset`][] or a
+    `(train, val)` pair."""
     if hasattr(data, "arrays"):
         return data.arrays("train"), data.arrays("val")
     if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -226,8 +228,8 @@ def splits(data: Any) -> tuple[Batch, Batch]:
 
 
 def chunks(start: int, total: int, steps_per_epoch: int, every: int | None) -> Iterator[int]:
-    """Lengths of the scans from ``start`` to ``total``: each ends at an epoch end,
-    a multiple of ``every`` (checkpoints) or ``total``."""
+    """Lengths of the scans from `start` to `total`: each ends at an epoch end,
+    a multiple of `every` (checkpoints) or `total`."""
     s = start
     while s < total:
         end = min(total, (s // steps_per_epoch + 1) * steps_per_epoch)
@@ -239,7 +241,7 @@ def chunks(start: int, total: int, steps_per_epoch: int, every: int | None) -> I
 
 @dataclasses.dataclass
 class FitResult:
-    """What :func:`fit` returns."""
+    """What [`fit`][wdjax.lab.train.fit] returns."""
 
     state: TrainState  # final (or, with early stopping, best) state
     history: list[dict[str, float]]  # one record per epoch
@@ -263,21 +265,21 @@ def fit(
     params: Params = None,
     scan: bool = True,
 ) -> FitResult:
-    """Train ``model`` (a :class:`~wdjax.lab.tasks.Task` or a reference Model) on
-    ``data`` (a :class:`wdjax.lab.data.Dataset` or ``(train, val)`` arrays) for ``epochs``.
+    """Train `model` (a [`Task`][wdjax.lab.tasks.Task] or a reference Model) on
+    `data` (a [`wdjax.lab.data.Dataset`][] or `(train, val)` arrays) for `epochs`.
 
     Each epoch (or stretch up to a checkpoint) is one jit-compiled, buffer-donating
-    ``lax.scan`` over device-resident data. ``patience``: stop when the validation
+    `lax.scan` over device-resident data. `patience`: stop when the validation
     loss has not improved for that many epochs and keep the best state.
-    ``checkpoints``: a :class:`wdjax.lab.checkpoint.Checkpointer`; training resumes from
-    its latest checkpoint, if any. ``on_epoch(record, step_metrics)`` sees each
-    epoch's record and its per-step metrics (as host lists). ``params``: start from
+    `checkpoints`: a [`wdjax.lab.checkpoint.Checkpointer`][]; training resumes from
+    its latest checkpoint, if any. `on_epoch(record, step_metrics)` sees each
+    epoch's record and its per-step metrics (as host lists). `params`: start from
     these instead of a fresh init (fine-tuning).
 
-    ``scan=False`` dispatches the steps one by one (asynchronously: still no host round
-    trip per step) instead of one ``lax.scan`` per stretch: for models whose backward
-    pass XLA:CPU runs slowly inside a loop, such as plain ``lax`` convolutions
-    (jax-ml/jax#12868; the reference CNN avoids this with :mod:`wdjax.lab.ops`)."""
+    `scan=False` dispatches the steps one by one (asynchronously: still no host round
+    trip per step) instead of one `lax.scan` per stretch: for models whose backward
+    pass XLA:CPU runs slowly inside a loop, such as plain `lax` convolutions
+    (jax-ml/jax#12868; the reference CNN avoids this with [`wdjax.lab.ops`][])."""
     task = as_task(model)
     train_data, val_data = splits(data)
     n = jax.tree.leaves(train_data)[0].shape[0]
@@ -338,8 +340,9 @@ LAST = (
 def epoch_record(
     model: Task | Any, state: TrainState, val: Any, per_step: dict, epoch: int
 ) -> dict[str, float]:
-    """One epoch's history record: step-metric means (last values for :data:`LAST`) and
-    the validation metrics as ``val_<name>``. ``val``: arrays, or a Dataset (its val split)."""
+    """One epoch's history record: step-metric means (last values for
+    [`LAST`][wdjax.lab.train.LAST]) and the validation metrics as `val_<name>`. `val`:
+    arrays, or a Dataset (its val split)."""
     val = val.arrays("val") if hasattr(val, "arrays") else val
     scores = evaluate(model, state.params, state.model_state, val)
     means = {k: float(np.mean(v)) for k, v in per_step.items()}
