@@ -199,9 +199,9 @@ def test_masked_out_leaves_stay_bit_identical(data, name, steps):
 
     decayed, undecayed = jax.jit(lambda p: (run(p, mask), run(p, masks.NONE)))(params)
     for c, a, b in zip(chosen, decayed, undecayed, strict=True):
-        if c:
+        if c and a.dtype == jnp.float32:  # in bf16/f16, c·λ·w can round away: no claim
             assert bits(a) != bits(b)  # the decay did act on the selected leaves
-        else:
+        elif not c:
             assert bits(a) == bits(b)
 
 
