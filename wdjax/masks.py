@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from wdjax.types import Mask, Params, Predicate, is_float
 
@@ -55,9 +56,22 @@ def _path_parts(keypath: tuple) -> tuple[str, ...]:
     return parts
 
 
+def absent(x: Any) -> bool:
+    """A parameter that is not there: `None` (filtered out, as `eqx.filter` leaves it)
+    or Optax's `MaskedNode` (masked out by `optax.masked`). wdjax flattens these as
+    leaves, never regularized, so a mask tree's entries for them still have a place."""
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def flatten(tree: Any) -> tuple[list[Any], Any]:
+    """`jax.tree.flatten` with :func:`absent` parameters kept as leaves."""
+    return jax.tree.flatten(tree, is_leaf=absent)
+
+
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    """`[(path, leaf), ...]` in flattening order, paths joined with `/`."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    """`[(path, leaf), ...]` in flattening order (absent parameters included), paths
+    joined with `/`."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=absent)
     return [("/".join(_path_parts(kp)), leaf) for kp, leaf in flat]
 
 
@@ -133,21 +147,72 @@ def where(predicate: Predicate, description: str | None = None) -> Selector:
 
 ALL = Selector(lambda p, x: True, "ALL")
 NONE = Selector(lambda p, x: False, "NONE")
-_EMBEDDING = re.compile(r"embed|token", re.IGNORECASE)
+
+_BIAS_NAMES = frozenset({"bias", "b", "beta", "offset"})
+_SCALE_NAMES = frozenset({"scale", "gamma"})
+_NORM_MODULE = re.compile(r"norm|^(ln|bn)(_?\d+|_f)?$", re.IGNORECASE)
+_EMBEDDING = re.compile(r"embed|token|wte|wpe", re.IGNORECASE)
 
 
-def default(*, embeddings: bool = False) -> Selector:
-    """Dense/conv kernels: leaves with `ndim >= 2`, which excludes biases and
-    normalization scales/offsets. Embedding tables (a path containing `embed` or
-    `token`) are excluded unless `embeddings=True`; this matches timm's and
-    Hugging Face's defaults."""
-    kernels = where(lambda p, x: np.ndim(x) >= 2, "ndim>=2")
+def _name(path: str) -> str:
+    return path.rpartition("/")[2]
+
+
+def is_bias(path: str, leaf: Any) -> bool:
+    """A bias or normalization offset by name (`bias`, `b`, `beta`, `offset`)."""
+    return _name(path).lower() in _BIAS_NAMES
+
+
+def is_norm(path: str, leaf: Any) -> bool:
+    """A normalization parameter by name: a `scale`/`gamma` leaf, or any leaf of a
+    module whose name says norm (`LayerNorm_0`, `norm1`, `ln_f`, `bn2`, `attn_norm`)."""
+    parts = path.split("/")
+    return _name(path).lower() in _SCALE_NAMES or any(_NORM_MODULE.search(q) for q in parts[:-1])
+
+
+def is_embedding(path: str, leaf: Any) -> bool:
+    """An embedding table by name (`embed`, `token`, `wte`, `wpe` in its path)."""
+    return bool(_EMBEDDING.search(path))
+
+
+def default(*, embeddings: bool = True) -> Selector:
+    """Weights: leaves with `ndim >= 2` that are neither a bias nor a normalization
+    parameter *by name* ([`is_bias`][wdjax.masks.is_bias], [`is_norm`][wdjax.masks.is_norm]),
+    whatever their rank. So the 2-D biases of attention heads, Equinox's `(C, 1, 1)`
+    conv biases and the `(L, d)` biases and norm scales of stacked or scanned layers
+    are not decayed. Embedding tables are decayed, as timm, Hugging Face and nanoGPT do;
+    `embeddings=False` leaves them out."""
+    chosen = where(lambda p, x: np.ndim(x) >= 2 and not is_bias(p, x) and not is_norm(p, x))
     if embeddings:
-        return Selector(kernels.predicate, "default(embeddings=True)")
-    return Selector(lambda p, x: kernels.predicate(p, x) and not _EMBEDDING.search(p), "default()")
+        return Selector(chosen.predicate, "default()")
+    return Selector(
+        lambda p, x: chosen.predicate(p, x) and not is_embedding(p, x),
+        "default(embeddings=False)",
+    )
 
 
 DEFAULT = default()  # the default of the optimizers, the trainer and the CLI
+
+_HF_FORBIDDEN = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def _dotted(path: str) -> str:
+    return path.replace("/", ".").lower()
+
+
+TIMM = Selector(
+    lambda p, x: not (np.ndim(x) <= 1 or _dotted(p).endswith(".bias") or p == "bias"),
+    "TIMM",
+)
+"""timm's `param_groups_weight_decay`: every leaf but those with `ndim <= 1` or a
+name ending in `bias`."""
+
+NANOGPT = Selector(lambda p, x: np.ndim(x) >= 2, "NANOGPT")
+"""nanoGPT's `configure_optimizers`: leaves with `ndim >= 2` (embeddings included)."""
+
+HF = Selector(lambda p, x: not _HF_FORBIDDEN.search(_dotted(p)), "HF")
+"""Hugging Face `Trainer.get_decay_parameter_names`, by name: not a bias and not in a
+layer whose name says `layernorm`, `rmsnorm` or `norm`."""
 
 
 # ---------------------------------------------------------------- resolution
@@ -202,10 +267,14 @@ def _selector_of(mask: Mask) -> Selector | None:
 
 
 def resolve(params: Params, mask: Mask = None) -> list[bool]:
-    """The mask as one bool per leaf of `params` (flattening order); non-float
-    leaves are always `False`. Raises `ValueError` on any mask that does not fit
-    or selects nothing."""
+    """The mask as one bool per leaf of `params` (flattening order, absent parameters
+    included); non-float leaves are always `False`. Raises `ValueError` on any mask
+    that does not fit or, given real arrays, selects nothing. Params without arrays
+    (`{}`, Optax's placeholders in `optax.tree.map_params`) resolve to all `False`:
+    what needs arrays is checked where arrays exist."""
     named = leaves_with_paths(params)
+    if not any(is_float(x) for _, x in named):
+        return [False] * len(named)
     selector = _selector_of(mask)
     if selector is not None:
         for pattern, check in selector.patterns:

@@ -32,12 +32,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from wdjax import groups, masks
 from wdjax.transforms import _decoupled, _l1_proximal, _l2_gradient, _validated, multiplier
 from wdjax.types import Coupling, Mask, Rate, ScalarOrSchedule
+
+
+def _descend(learning_rate: jax.Array) -> optax.GradientTransformation:
+    """`u ← −η·u` in each update's own dtype: the injected η is float32, and a bf16
+    update stays bf16 (as with `optax.adamw`'s weakly typed Python-float η)."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        return jax.tree.map(lambda u: u * (-learning_rate).astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _build(
@@ -65,7 +76,7 @@ def _build(
         learning_rate: Any, weight_decay: Any, l1: Any = None
     ) -> optax.GradientTransformation:
         parts = [_l2_gradient(weight_decay, mask)] if coupled else []
-        parts += [direction, optax.scale_by_learning_rate(learning_rate)]
+        parts += [direction, _descend(learning_rate)]
         if not coupled:
             parts.append(
                 _decoupled(
@@ -89,6 +100,8 @@ def adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
     nesterov: bool = False,
     mask: Mask = masks.DEFAULT,
     l1: Rate | None = None,
@@ -96,9 +109,10 @@ def adamw(
     max_learning_rate: float | None = None,
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW: `u = −η_t·m̂/(√v̂ + ε) − c_t·λ·w` (`nesterov=True`: NAdamW)."""
+    """AdamW: `u = −η_t·m̂/(√v̂ + ε) − c_t·λ·w` (`nesterov=True`: NAdamW). `b1`, `b2`,
+    `eps`, `eps_root`, `mu_dtype` and `nesterov` as in `optax.adamw`."""
     return _build(
-        optax.scale_by_adam(b1, b2, eps, nesterov=nesterov),
+        optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
         learning_rate,
         weight_decay,
         coupled=False,
@@ -117,12 +131,15 @@ def adam_l2(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     mask: Mask = masks.DEFAULT,
     l1: Rate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam on `g + λ·w` (coupled L2): PyTorch `Adam(weight_decay=λ)`."""
     return _build(
-        optax.scale_by_adam(b1, b2, eps),
+        optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
         learning_rate,
         weight_decay,
         coupled=True,
@@ -131,9 +148,11 @@ def adam_l2(
     )
 
 
-def _momentum(momentum: float, nesterov: bool) -> optax.GradientTransformation:
+def _momentum(momentum: float, nesterov: bool, dtype: Any) -> optax.GradientTransformation:
     groups.check_rate(momentum, "momentum")
-    return optax.trace(momentum, nesterov) if momentum else optax.identity()
+    if not momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    return optax.trace(momentum, nesterov, dtype) if momentum else optax.identity()
 
 
 def sgdw(
@@ -142,6 +161,7 @@ def sgdw(
     *,
     momentum: float = 0.0,
     nesterov: bool = False,
+    accumulator_dtype: Any = None,
     mask: Mask = masks.DEFAULT,
     l1: Rate | None = None,
     lr_coupling: Coupling = "lr",
@@ -150,7 +170,7 @@ def sgdw(
 ) -> optax.GradientTransformationExtraArgs:
     """SGD with (heavy-ball or Nesterov) momentum and decoupled decay `u ← u − c_t·λ·w`."""
     return _build(
-        _momentum(momentum, nesterov),
+        _momentum(momentum, nesterov, accumulator_dtype),
         learning_rate,
         weight_decay,
         coupled=False,
@@ -168,12 +188,18 @@ def sgd_l2(
     *,
     momentum: float = 0.0,
     nesterov: bool = False,
+    accumulator_dtype: Any = None,
     mask: Mask = masks.DEFAULT,
     l1: Rate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD on `g + λ·w`: PyTorch `SGD(weight_decay=λ, momentum=μ, nesterov=...)`."""
     return _build(
-        _momentum(momentum, nesterov), learning_rate, weight_decay, coupled=True, mask=mask, l1=l1
+        _momentum(momentum, nesterov, accumulator_dtype),
+        learning_rate,
+        weight_decay,
+        coupled=True,
+        mask=mask,
+        l1=l1,
     )
 
 
@@ -183,6 +209,7 @@ def lionw(
     *,
     b1: float = 0.9,
     b2: float = 0.99,
+    mu_dtype: Any = None,
     mask: Mask = masks.DEFAULT,
     l1: Rate | None = None,
     lr_coupling: Coupling = "lr",
@@ -191,7 +218,7 @@ def lionw(
 ) -> optax.GradientTransformationExtraArgs:
     """Lion (sign of interpolated momentum) with decoupled decay, as in the Lion paper."""
     return _build(
-        optax.scale_by_lion(b1, b2),
+        optax.scale_by_lion(b1, b2, mu_dtype),
         learning_rate,
         weight_decay,
         coupled=False,
@@ -205,12 +232,34 @@ def lionw(
 
 def set_hyperparams(opt_state: Any, **values: Any) -> Any:
     """Return `opt_state` with injected hyperparameters (`weight_decay`,
-    `learning_rate`, `l1`) set to `values`, as float32 arrays like the ones they
-    replace, so a jitted step sees the same types and does not recompile (a Python
-    float set with `optax.tree_utils.tree_set` would be weakly typed: one recompile)."""
-    return optax.tree_utils.tree_set(
-        opt_state, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
-    )
+    `learning_rate`, `l1`, or any other `optax.inject_hyperparams` put there) set to
+    `values`, cast to the dtype of the values they replace. Pure: nothing is mutated.
+
+    The pytree structure is kept exactly, wrappers included (the `OptArray` Variables
+    of an `nnx.Optimizer`), so a jitted step sees the same types and does not recompile.
+    A name the state does not hold raises `KeyError`."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
+    found: set[str] = set()
+    leaves = []
+    for path, leaf in flat:
+        name = _hyperparam_name(path)
+        if name in values:
+            found.add(name)
+            dtype = getattr(leaf, "dtype", jnp.float32)
+            leaf = jnp.asarray(values[name], dtype)
+        leaves.append(leaf)
+    missing = sorted(set(values) - found)
+    if missing:
+        raise KeyError(f"the optimizer state injects no hyperparameter {missing}")
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _hyperparam_name(path: tuple) -> str | None:
+    """The name `k` if `path` runs through `...hyperparams[k]`, else None."""
+    for here, there in zip(path, path[1:], strict=False):
+        if getattr(here, "name", None) == "hyperparams" and hasattr(there, "key"):
+            return there.key
+    return None
 
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {

@@ -25,8 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wdjax import groups
-from wdjax.types import Mask, Params, Rate, f32
+from wdjax import groups, masks
+from wdjax.types import Mask, Params, Rate, f32, sq
 
 Term = Callable[[jax.Array, Any], jax.Array]  # (leaf in float32, aligned extra) -> scalar
 
@@ -48,12 +48,8 @@ def _penalty(name: str, rate: Rate, mask: Mask, term: Term, extra: Any = None) -
     groups.check_rate_arg(rate, f"{name} rate")
 
     def fn(params: Params) -> jax.Array:
-        leaves = jax.tree.leaves(params)
-        extras = (
-            [None] * len(leaves)
-            if extra is None
-            else jax.tree.structure(params).flatten_up_to(extra)
-        )
+        leaves, treedef = masks.flatten(params)
+        extras = [None] * len(leaves) if extra is None else treedef.flatten_up_to(extra)
         total = jnp.zeros((), jnp.float32)
         for w, e, r in zip(leaves, extras, groups.leaf_rates(params, rate, mask), strict=True):
             if r is not None:
@@ -64,7 +60,7 @@ def _penalty(name: str, rate: Rate, mask: Mask, term: Term, extra: Any = None) -
 
 
 def _half_sq(w: jax.Array, _: Any) -> jax.Array:
-    return 0.5 * jnp.sum(w * w)
+    return 0.5 * jnp.sum(sq(w))
 
 
 def _abs(w: jax.Array, _: Any) -> jax.Array:
@@ -99,7 +95,7 @@ def l2_toward(anchor: Params, rate: Rate, mask: Mask = None) -> Penalty:
         "l2_toward",
         rate,
         mask,
-        lambda w, w0: 0.5 * jnp.sum(jnp.square(w - f32(jnp.asarray(w0)))),
+        lambda w, w0: 0.5 * jnp.sum(sq(w - f32(jnp.asarray(w0)))),
         anchor,
     )
 
@@ -114,7 +110,7 @@ def group_lasso(rate: Rate, axis: int | Sequence[int], mask: Mask = None) -> Pen
     """`R(w) = rate · Σ_g ‖w_g‖₂`: each group is one slice of `w` over `axis`
     (for a Dense kernel `(in, out)`, `axis=0` gives one group per output unit)."""
     return _penalty(
-        "group_lasso", rate, mask, lambda w, _: jnp.sum(_safe_norm(jnp.sum(w * w, axis=axis)))
+        "group_lasso", rate, mask, lambda w, _: jnp.sum(_safe_norm(jnp.sum(sq(w), axis=axis)))
     )
 
 

@@ -33,7 +33,7 @@ import optax
 
 from wdjax import groups, masks
 from wdjax.groups import check_rate
-from wdjax.types import COUPLINGS, Coupling, Mask, Params, Rate, ScalarOrSchedule, f32
+from wdjax.types import COUPLINGS, Coupling, Mask, Params, Rate, ScalarOrSchedule, f32, sq
 
 LeafStep = Callable[[jax.Array, jax.Array, Any, Any], jax.Array]  # (u, w, rate, w0) -> u
 
@@ -75,7 +75,9 @@ def _leafwise(
             raise ValueError(
                 "wdjax transforms need the params: call update(updates, state, params)"
             )
-        leaves, treedef = jax.tree.flatten(params)
+        if updates is None:  # as Optax's add_decayed_weights: nothing to transform
+            return None, DecayState(optax.safe_increment(state.count), state.anchor)
+        leaves, treedef = masks.flatten(params)
         _check_shapes(updates, leaves, treedef)
         rates = groups.leaf_rates(params, _at(rate, state.count), mask)
         anchors = (
@@ -114,7 +116,7 @@ def _check_shapes(updates: Params, leaves: list[Any], treedef: Any) -> None:
     except (ValueError, TypeError) as e:
         raise ValueError(f"updates do not have the structure of the params: {e}") from None
     for u, w in zip(flat, leaves, strict=True):
-        if jnp.shape(u) != jnp.shape(w):
+        if not masks.absent(w) and jnp.shape(u) != jnp.shape(w):
             raise ValueError(
                 f"an update has shape {jnp.shape(u)} where its param has {jnp.shape(w)}"
             )
@@ -122,7 +124,7 @@ def _check_shapes(updates: Params, leaves: list[Any], treedef: Any) -> None:
 
 def _aligned(params: Params, tree: Params, what: str) -> list[Any]:
     try:
-        return jax.tree.structure(params).flatten_up_to(tree)
+        return masks.flatten(params)[1].flatten_up_to(tree)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what} does not have the structure of the params: {e}") from None
 
@@ -259,7 +261,7 @@ def _decoupled(
             d = f32(w) if w0 is None else f32(w) - f32(w0)
             decay = c_t * r * d
             if cautious:
-                decay = jnp.where(f32(u) * d <= 0, decay, 0.0)
+                decay = jnp.where(jnp.real(f32(u) * jnp.conj(d)) <= 0, decay, 0.0)
             return (f32(u) - decay).astype(u.dtype)
 
         return step
@@ -343,7 +345,7 @@ def max_norm(
     def make_step(count: jax.Array) -> LeafStep:
         def step(u: jax.Array, w: jax.Array, r: Any, _: Any) -> jax.Array:
             z = f32(w) + f32(u)
-            norm = jnp.sqrt(jnp.sum(z * z, axis=axis, keepdims=True))
+            norm = jnp.sqrt(jnp.sum(sq(z), axis=axis, keepdims=True))
             projected = (z * (max_value / norm) - f32(w)).astype(u.dtype)
             return jnp.where(norm > max_value, projected, u)
 

@@ -33,9 +33,15 @@ COUPLINGS: tuple[str, ...] = ("lr", "schedule", "corrected", "constant")
 
 
 def is_float(leaf: Any) -> bool:
-    """True for floating-point arrays: the only leaves that are ever regularized."""
+    """True for floating-point and complex arrays: the only leaves that are ever
+    regularized (complex ones as Optax does, `u ← u − c·λ·w`, no conjugation)."""
     dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def sq(x: jax.Array) -> jax.Array:
+    """`|x|²` elementwise, real for real and complex `x`."""
+    return jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else x * x
 
 
 def f32(x: jax.Array) -> jax.Array:
