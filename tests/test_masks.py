@@ -52,19 +52,34 @@ def test_paths_are_key_paths_joined_with_slash():
             masks.where(lambda p, x: x.size == 4),
             {"Dense_0/bias", "LayerNorm_0/bias", "LayerNorm_0/scale"},
         ),
-        (masks.default(), {"Dense_0/kernel", "head/kernel"}),
-        (masks.DEFAULT, {"Dense_0/kernel", "head/kernel"}),
+        # the default: weights and embeddings, never biases or norm parameters
+        (masks.default(), {"Dense_0/kernel", "head/kernel", "Embed_0/embedding"}),
+        (masks.DEFAULT, {"Dense_0/kernel", "head/kernel", "Embed_0/embedding"}),
         (masks.default(embeddings=True), {"Dense_0/kernel", "head/kernel", "Embed_0/embedding"}),
+        (masks.default(embeddings=False), {"Dense_0/kernel", "head/kernel"}),
+        # the peers' presets agree with it on this tree (tests/test_default_mask.py: where not)
+        (masks.TIMM, {"Dense_0/kernel", "head/kernel", "Embed_0/embedding"}),
+        (masks.NANOGPT, {"Dense_0/kernel", "head/kernel", "Embed_0/embedding"}),
+        (masks.HF, {"Dense_0/kernel", "head/kernel", "Embed_0/embedding"}),
         (masks.match("*/kernel") & ~masks.match("head/*"), {"Dense_0/kernel"}),
         (
             masks.match("head/*") | masks.regex("scale"),
             {"head/kernel", "head/bias", "LayerNorm_0/scale"},
         ),
         (
-            ~masks.default(),
+            ~masks.default(embeddings=False),
             {
                 "Dense_0/bias",
                 "Embed_0/embedding",
+                "LayerNorm_0/bias",
+                "LayerNorm_0/scale",
+                "head/bias",
+            },
+        ),
+        (
+            ~masks.default(),
+            {
+                "Dense_0/bias",
                 "LayerNorm_0/bias",
                 "LayerNorm_0/scale",
                 "head/bias",
@@ -253,7 +268,7 @@ def test_masks_over_nnx_state_with_optax():
     nnx.update(model, new)  # the model takes the state back
     np.testing.assert_array_equal(model.head.kernel[...], new["head"]["kernel"][...])
 
-    # and through nnx.Optimizer, with the default (kernels-only) mask
+    # and through nnx.Optimizer, with the default mask (the kernels)
     kernel, bias = model.dense.kernel[...], model.dense.bias[...]
     optimizer = nnx.Optimizer(model, wdjax.adamw(0.1, 0.5), wrt=nnx.Param)
     optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
@@ -268,11 +283,11 @@ def test_masks_over_flax_linen_params():
             return linen.Dense(3)(linen.LayerNorm()(linen.Embed(10, 4)(ids)))
 
     params = Net().init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
-    assert selected(params, masks.default()) == {"params/Dense_0/kernel"}
-    assert selected(params, masks.default(embeddings=True)) == {
+    assert selected(params, masks.default()) == {
         "params/Dense_0/kernel",
         "params/Embed_0/embedding",
     }
+    assert selected(params, masks.default(embeddings=False)) == {"params/Dense_0/kernel"}
     assert selected(params, "*LayerNorm*") == {
         "params/LayerNorm_0/scale",
         "params/LayerNorm_0/bias",
@@ -348,8 +363,12 @@ def test_describe_with_mask_and_rate_and_no_printing(capsys):
     assert {r.path: r.rate for r in table.rows if r.rate is not None} == {
         "Dense_0/kernel": 0.01,
         "head/kernel": 0.01,
+        "Embed_0/embedding": 0.01,
     }
-    assert table.decayed == 20
+    assert table.decayed == 12 + 8 + 15
+    table = wdjax.describe(PARAMS, masks.default(embeddings=False), rate=0.01, file=None)
+    assert {r.path for r in table.rows if r.rate is not None} == {"Dense_0/kernel", "head/kernel"}
+    assert table.decayed == 12 + 8
     tables.describe({"w": jnp.ones((2, 3), jnp.bfloat16)})
     out = capsys.readouterr().out
     assert "bfloat16" in out and "regularized 6 of 6 parameters (100.0%)" in out
@@ -450,13 +469,21 @@ def test_describe_agrees_with_resolve(data, as_tree, rate):
     assert table.decayed == sum(r.size for r in table.rows if r.path in expected)
 
 
-def test_default_mask_over_each_kind_of_tree(params_tree):
+DEFAULT_BY_KIND = {
+    "linen": {"params/Embed_0/embedding", "params/Dense_0/kernel", "params/head/kernel"},
+    "nnx": {"dense/kernel", "head/kernel"},
+    "equinox": {"layers/0/weight", "layers/1/weight", "layers/2/weight"},
+}
+
+
+def test_default_mask_over_each_kind_of_tree(tree_kind, params_tree):
     """A linen dict, an ``nnx.State`` and an Equinox module: the default mask is the
-    kernels, ``ALL`` every float leaf, and a transform gives back the same container."""
+    kernels (and the embedding table), ``ALL`` every float leaf (not the ``None`` that
+    ``eqx.filter`` leaves for the activations), and a transform gives back the same
+    container."""
     named = masks.leaves_with_paths(params_tree)
-    kernels = {p for p, x in named if x.ndim >= 2 and "embed" not in p.lower()}
-    assert selected(params_tree, masks.DEFAULT) == kernels
-    assert selected(params_tree, masks.ALL) == {p for p, _ in named}
+    assert selected(params_tree, masks.DEFAULT) == DEFAULT_BY_KIND[tree_kind]
+    assert selected(params_tree, masks.ALL) == {p for p, x in named if x is not None}
     tx = wdjax.add_l2_gradient(0.1)
     out = tx.update(params_tree, tx.init(params_tree), params_tree)[0]
     assert jax.tree.structure(out) == jax.tree.structure(params_tree)

@@ -41,7 +41,7 @@ def KERNELS(p):  # a callable mask, in Optax's style
 
 
 def test_adamw_matches_optax_adamw_over_a_trajectory():
-    ours = trajectory(wdjax.adamw(3e-3, 0.1), steps=120)  # the default mask: kernels only
+    ours = trajectory(wdjax.adamw(3e-3, 0.1), steps=120)  # default mask: the MLP's kernels
     theirs = trajectory(optax.adamw(3e-3, weight_decay=0.1, mask=KERNELS), steps=120)
     assert max_rel_err(ours, theirs) < 1e-5
     no_decay = trajectory(optax.adam(3e-3), steps=120)
@@ -242,4 +242,4 @@ def test_bad_arguments_raise():
     ):
         wdjax.sgdw(1e-3, 1e-4, mask={"dense": 1.0, "head": True}).init(P)
     with pytest.raises(ValueError, match="selects no floating-point parameter"):
-        wdjax.adamw(1e-3, 1e-4).init({"bias": jnp.ones(3)})  # the default mask: kernels only
+        wdjax.adamw(1e-3, 1e-4).init({"bias": jnp.ones((3, 1))})  # a bias, whatever its rank

@@ -9,6 +9,9 @@ before every step, as timm's schedulers do. Parameters are compared after every 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -93,20 +96,32 @@ def corrected(corrected_weight_decay: bool) -> dict:
     return {"lr_coupling": "lr"}
 
 
-# name: (timm class, its kwargs, wdjax optimizer factory, its kwargs, decay biases too?)
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A timm optimizer setting and its wdjax equivalent (``lr_coupling`` follows from
+    ``corrected_weight_decay``)."""
+
+    timm_class: str  # a key of the ``timm_optim`` fixture
+    timm_kwargs: dict
+    wdjax_optimizer: Callable[..., optax.GradientTransformation]
+    wdjax_kwargs: dict
+    decay_biases: bool  # timm: the bias group gets WD too (else 0); wdjax: the mask says it
+
+
+CORRECTED = {"corrected_weight_decay": True}
 ROWS = {
-    "AdamWLegacy(corrected_weight_decay=True), weights only": (
-        "adamw", {"corrected_weight_decay": True}, wdjax.adamw, {"mask": "*/kernel"}, False
+    "AdamWLegacy(corrected_weight_decay=True), weights only": Row(
+        "adamw", CORRECTED, wdjax.adamw, {"mask": "*/kernel"}, False
     ),
-    "AdamWLegacy(corrected_weight_decay=True), all params": (
-        "adamw", {"corrected_weight_decay": True}, wdjax.adamw, {"mask": masks.ALL}, True
+    "AdamWLegacy(corrected_weight_decay=True), all params": Row(
+        "adamw", CORRECTED, wdjax.adamw, {"mask": masks.ALL}, True
     ),
-    "AdamWLegacy(corrected_weight_decay=False), weights only": (
+    "AdamWLegacy(corrected_weight_decay=False), weights only": Row(
         "adamw", {"corrected_weight_decay": False}, wdjax.adamw, {"mask": "*/kernel"}, False
     ),
-    "SGDW(nesterov, corrected_weight_decay=True) [timm sgdc]": (
+    "SGDW(nesterov, corrected_weight_decay=True) [timm sgdc]": Row(
         "sgdw",
-        {"corrected_weight_decay": True, "momentum": 0.9, "nesterov": True},
+        CORRECTED | {"momentum": 0.9, "nesterov": True},
         wdjax.sgdw,
         {"mask": "*/kernel", "momentum": 0.9, "nesterov": True},
         False,
@@ -114,19 +129,20 @@ ROWS = {
 }
 
 
-def wdjax_kwargs(timm_kwargs: dict, wd_kwargs: dict) -> dict:
-    return wd_kwargs | corrected(timm_kwargs["corrected_weight_decay"])
+def wdjax_kwargs(row: Row) -> dict:
+    return row.wdjax_kwargs | corrected(row.timm_kwargs["corrected_weight_decay"])
 
 
 @pytest.mark.parametrize("row", list(ROWS))
 def test_timm_matches_wdjax_step_by_step(row: str, timm_optim: dict) -> None:
-    cls, timm_kwargs, make_wdjax, wd_kwargs, decay_biases = ROWS[row]
+    r = ROWS[row]
     theirs = timm_trajectory(
-        lambda groups: timm_optim[cls](groups, lr=LR_MAX, foreach=False, **timm_kwargs),
-        decay_biases,
+        lambda groups: timm_optim[r.timm_class](groups, lr=LR_MAX, foreach=False, **r.timm_kwargs),
+        r.decay_biases,
     )
-    wd_kwargs = wdjax_kwargs(timm_kwargs, wd_kwargs)
-    if cls == "adamw":
+    wd_kwargs = wdjax_kwargs(r)
+    make_wdjax = r.wdjax_optimizer
+    if r.timm_class == "adamw":
         wd_kwargs["eps"] = 1e-8  # timm's default, and optax's: both add ε to √v̂
     ours = trajectory(make_wdjax(SCHEDULE, WD, **wd_kwargs), steps=STEPS)
     assert max_rel_err(ours, theirs) < RTOL
@@ -140,7 +156,7 @@ def test_timm_matches_wdjax_step_by_step(row: str, timm_optim: dict) -> None:
 
 def test_timm_corrected_decay_multiplier(timm_optim: dict) -> None:
     """One parameter, zero gradient, momentum-free SGDW: timm shrinks it by exactly
-    ``1 − λ·η_t²/η_max`` each step, as ``wdjax.decoupled_weight_decay`` does."""
+    ``1 − λ·η_t²/η_max`` each step, as ``wdjax.sgdw(lr_coupling="corrected")`` does."""
     p = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
     opt = timm_optim["sgdw"]([p], lr=LR_MAX, weight_decay=WD, corrected_weight_decay=True)
     expected = 1.0

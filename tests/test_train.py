@@ -138,31 +138,15 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(digits, small_mlp, tmp_
     opt = wdjax.sgdw(0.05, 1e-3, momentum=0.9)
     every = len(digits.x_train) // 128  # one checkpoint per epoch; 2 epochs = 2N steps
     kwargs = dict(batch_size=128, seed=3, progress=False)
-    straight = train.fit(
-        small_mlp,
-        opt,
-        digits,
-        epochs=2,
-        checkpoints=checkpoint.Checkpointer(tmp_path / "a", every),
-        **kwargs,
-    )
-    first = train.fit(
-        small_mlp,
-        opt,
-        digits,
-        epochs=1,
-        checkpoints=checkpoint.Checkpointer(tmp_path / "b", every),
-        **kwargs,
-    )
+
+    def fit(directory, epochs):
+        with checkpoint.Checkpointer(tmp_path / directory, every) as ckpt:
+            return train.fit(small_mlp, opt, digits, epochs=epochs, checkpoints=ckpt, **kwargs)
+
+    straight = fit("a", 2)
+    first = fit("b", 1)
     assert int(first.state.step) == every
-    resumed = train.fit(
-        small_mlp,
-        opt,
-        digits,
-        epochs=2,
-        checkpoints=checkpoint.Checkpointer(tmp_path / "b", every),
-        **kwargs,
-    )
+    resumed = fit("b", 2)
     assert int(resumed.state.step) == 2 * every
     assert _leaves_equal(resumed.state, straight.state)
     assert resumed.history == straight.history

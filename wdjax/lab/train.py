@@ -97,6 +97,21 @@ def weight_metrics(params: Params, decayed: Sequence[bool]) -> Metrics:
     }
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every element of every float leaf is finite."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if is_float(x)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def _hyperparams_ok(opt_state: Any) -> jax.Array:
+    """True when every injected hyperparameter is finite and `>= 0`."""
+    found = jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
+    values = [
+        v for s in found for v in jax.tree.leaves(getattr(s, "hyperparams", {})) if is_float(v)
+    ]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v) & (v >= 0)) for v in values] or [True]))
+
+
 def make_train_step(
     model: Task | Any,
     optimizer: optax.GradientTransformation,
@@ -112,8 +127,11 @@ def make_train_step(
     u, opt_state = optimizer.update(g, opt_state, params);  params ← params + u
     ```
 
-    Steps whose loss or gradients are not finite are skipped and counted, never
-    applied. `model`: a [`Task`][wdjax.lab.tasks.Task] or a reference Model.
+    A step is skipped and counted, never applied, when its loss, gradients or update
+    are not finite, or when a hyperparameter the optimizer injects (η, λ, α from a
+    schedule) is negative or not finite at that step. The decision is one `lax.cond`
+    on a predicate computed before it, so the applied path copies nothing. `model`: a
+    [`Task`][wdjax.lab.tasks.Task] or a reference Model.
 
     Metrics: `loss` (data loss), the task's metrics (`accuracy`), each penalty by
     name, `grad_norm`, weight norms (global and for the `mask`'s decayed / other
@@ -123,12 +141,11 @@ def make_train_step(
     objective = regularized(task.loss, *penalties, has_aux=True)
 
     def apply(operand: tuple) -> tuple:
-        params, opt_state, grads, model_state, _ = operand
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, model_state
+        params, updates, new_opt_state, _, model_state, _ = operand
+        return optax.apply_updates(params, updates), new_opt_state, model_state
 
     def skip(operand: tuple) -> tuple:
-        params, opt_state, _, _, old_model_state = operand
+        params, _, _, opt_state, _, old_model_state = operand
         return params, opt_state, old_model_state
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -138,10 +155,13 @@ def make_train_step(
         )
         model_state, task_metrics = aux.pop("aux")
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(grad_norm) & jnp.isfinite(total)
-        # a cond, not a select over the new and old states: XLA then updates in place
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        ok = jnp.isfinite(grad_norm) & jnp.isfinite(total) & _all_finite(updates)
+        ok &= _hyperparams_ok(new_opt_state)
+        # a cond, not a select over the new and old states: no copy on the applied path
+        operand = (state.params, updates, new_opt_state, state.opt_state, model_state)
         params, opt_state, model_state = jax.lax.cond(
-            ok, apply, skip, (state.params, state.opt_state, grads, model_state, state.model_state)
+            ok, apply, skip, (*operand, state.model_state)
         )
         skipped = state.skipped + (~ok).astype(jnp.int32)
         new_state = TrainState(state.step + 1, params, opt_state, model_state, state.rng, skipped)
@@ -151,8 +171,8 @@ def make_train_step(
             **task_metrics,
             "grad_norm": grad_norm,
             **weight_metrics(new_state.params, masks.resolve(new_state.params, mask)),
-            "learning_rate": hyperparam(state.opt_state, "learning_rate"),
-            "weight_decay": hyperparam(state.opt_state, "weight_decay"),
+            "learning_rate": hyperparam(new_opt_state, "learning_rate"),
+            "weight_decay": hyperparam(new_opt_state, "weight_decay"),
             "skipped": skipped,
         }
         return new_state, metrics
@@ -243,9 +263,10 @@ def chunks(start: int, total: int, steps_per_epoch: int, every: int | None) -> I
 class FitResult:
     """What [`fit`][wdjax.lab.train.fit] returns."""
 
-    state: TrainState  # final (or, with early stopping, best) state
+    state: TrainState  # final (or, with early stopping, best) state; always finite
     history: list[dict[str, float]]  # one record per epoch
     stopped_early: bool = False
+    diverged: bool = False  # the last epoch's loss or validation loss was not finite
 
 
 def fit(
@@ -291,12 +312,19 @@ def fit(
 
     state = init_state(task, optimizer, jax.random.PRNGKey(seed), params)
     history: list[dict[str, float]] = []
-    if checkpoints is not None:
-        state, history = checkpoints.restore(state, history)
+    pending: list[Metrics] = []
+    restored = checkpoints.load(state) if checkpoints is not None else None
+    if restored is not None:
+        if restored.step > total:
+            raise ValueError(
+                f"the checkpoint is at step {restored.step}, beyond this run's {epochs} "
+                f"epochs ({total} steps): ask for at least {-(-restored.step // steps_per_epoch)}"
+            )
+        state, history = restored.state, restored.history
+        pending = [restored.pending] if restored.pending else []
     one_by_one = not scan
     best: tuple[float, TrainState | None, int] = (np.inf, None, len(history))
     bar = progress_bar(progress, epochs, initial=len(history))
-    pending: list[Metrics] = []
     done = int(state.step)
     for length in chunks(done, total, steps_per_epoch, checkpoints and checkpoints.every):
         for k in [1] * length if one_by_one else [length]:  # async dispatch: no host sync
@@ -304,10 +332,9 @@ def fit(
             pending.append(metrics)
         done += length
         if done % steps_per_epoch == 0:
-            per_step = {
-                k: np.concatenate([np.asarray(m[k]) for m in pending]).tolist() for k in pending[0]
-            }
+            per_step = _host(pending)
             pending = []
+            _check_hyperparams(per_step, done - steps_per_epoch)
             record = epoch_record(task, state, val_data, per_step, done // steps_per_epoch)
             history.append(record)
             if on_epoch is not None:
@@ -317,12 +344,48 @@ def fit(
             if patience is not None and record["val_loss"] < best[0]:
                 best = (record["val_loss"], jax.tree.map(jnp.copy, state), len(history))
         if checkpoints is not None and (done % checkpoints.every == 0 or done == total):
-            checkpoints.save(state, history)
+            pending = [_host(pending)] if pending else []  # saved with the state
+            checkpoints.save(state, history, pending[0] if pending else None)
         if patience is not None and len(history) - best[2] >= patience:
             bar.close()
-            return FitResult(best[1], history, stopped_early=True)
+            return _result(best[1] or state, history, stopped_early=True)
     bar.close()
-    return FitResult(best[1] if best[1] is not None else state, history)
+    return _result(best[1] if best[1] is not None else state, history)
+
+
+def _host(pending: list[Metrics]) -> dict[str, list]:
+    """Per-step metrics of several scans (device or host) as one dict of host lists."""
+    return {
+        k: np.concatenate([np.atleast_1d(np.asarray(m[k])) for m in pending]).tolist()
+        for k in pending[0]
+    }
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says at which step and why."""
+
+
+def _check_hyperparams(per_step: dict[str, list], first_step: int) -> None:
+    """Stop at the end of an epoch in which a schedule gave a negative or non-finite
+    learning rate or weight decay (those steps were skipped, not applied)."""
+    for name in ("learning_rate", "weight_decay"):
+        values = np.asarray(per_step.get(name, []), dtype=np.float64)
+        if np.all(np.isnan(values)):  # the optimizer does not inject it
+            continue
+        bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+        if bad.size:
+            i = int(bad[0])
+            raise TrainingError(
+                f"at step {first_step + i} the {name.replace('_', ' ')} was {values[i]:g}: a "
+                f"schedule must give finite values >= 0 ({bad.size} step(s) of this epoch "
+                "were skipped, not applied)"
+            )
+
+
+def _result(state: TrainState, history: list[dict], stopped_early: bool = False) -> FitResult:
+    last = history[-1] if history else {}
+    diverged = bool(history) and not (np.isfinite(last["loss"]) and np.isfinite(last["val_loss"]))
+    return FitResult(state, history, stopped_early, diverged)
 
 
 # Epoch records hold the mean over the epoch's steps, except these: their last value.
