@@ -201,11 +201,12 @@ def _dotted(path: str) -> str:
 
 
 TIMM = Selector(
-    lambda p, x: not (np.ndim(x) <= 1 or _dotted(p).endswith(".bias") or p == "bias"),
+    lambda p, x: not (np.ndim(x) <= 1 or p.replace("/", ".").endswith(".bias")),
     "TIMM",
 )
 """timm's `param_groups_weight_decay`: every leaf but those with `ndim <= 1` or a
-name ending in `bias`."""
+dotted name ending in `.bias` (case-sensitive, as timm's `name.endswith(".bias")`: a
+top-level `bias` of rank 2 is decayed there too)."""
 
 NANOGPT = Selector(lambda p, x: np.ndim(x) >= 2, "NANOGPT")
 """nanoGPT's `configure_optimizers`: leaves with `ndim >= 2` (embeddings included)."""

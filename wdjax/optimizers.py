@@ -37,7 +37,14 @@ import jax.numpy as jnp
 import optax
 
 from wdjax import groups, masks
-from wdjax.transforms import _decoupled, _l1_proximal, _l2_gradient, _validated, multiplier
+from wdjax.transforms import (
+    _decoupled,
+    _l1_proximal,
+    _l2_gradient,
+    _validated,
+    check_factor,
+    multiplier,
+)
 from wdjax.types import Coupling, Mask, Rate, ScalarOrSchedule
 
 
@@ -49,6 +56,24 @@ def _descend(learning_rate: jax.Array) -> optax.GradientTransformation:
         return jax.tree.map(lambda u: u * (-learning_rate).astype(u.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _float16_in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` in float32 for float16 leaves, its state included: Adam's ε = 1e-8
+    underflows to 0 in float16, and a zero gradient then gives 0/0 = NaN. Other dtypes
+    pass through untouched; updates come back in their own dtype."""
+
+    def up(tree: Any) -> Any:
+        return jax.tree.map(
+            lambda x: x.astype(jnp.float32) if getattr(x, "dtype", None) == jnp.float16 else x,
+            tree,
+        )
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        new, state = inner.update(up(updates), state, up(params))
+        return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), state
+
+    return optax.GradientTransformation(lambda params: inner.init(up(params)), update)
 
 
 def _build(
@@ -70,13 +95,13 @@ def _build(
     if l1 is not None:
         groups.check_rate_arg(l1, "l1")
     if not coupled:
-        multiplier(lr_coupling, learning_rate, max_learning_rate)
+        check_factor(weight_decay, multiplier(lr_coupling, learning_rate, max_learning_rate))
 
     def chain(
         learning_rate: Any, weight_decay: Any, l1: Any = None
     ) -> optax.GradientTransformation:
         parts = [_l2_gradient(weight_decay, mask)] if coupled else []
-        parts += [direction, _descend(learning_rate)]
+        parts += [_float16_in_float32(direction), _descend(learning_rate)]
         if not coupled:
             parts.append(
                 _decoupled(

@@ -39,11 +39,14 @@ LeafStep = Callable[[jax.Array, jax.Array, Any, Any], jax.Array]  # (u, w, rate,
 
 
 class DecayState(NamedTuple):
-    """Step count (for schedules) and, for [`decay_toward`][wdjax.transforms.decay_toward], the
-    anchor weights."""
+    """Step count (for schedules); for decoupled decay the largest per-step factor
+    `c_t·λ` of the last update (`≥ 1` flips or zeroes weights: the lab's train step
+    skips such a step and stops the run); for
+    [`decay_toward`][wdjax.transforms.decay_toward] the anchor weights."""
 
     count: jax.Array
     anchor: Params = None
+    factor: jax.Array | None = None
 
 
 def _at(value: Any, count: jax.Array) -> Any:
@@ -56,6 +59,7 @@ def _leafwise(
     make_step: Callable[[jax.Array], LeafStep],
     anchor: Params = None,
     check_init: Callable[[Params, list[Any]], None] | None = None,
+    factor: Callable[[jax.Array, list[Any]], jax.Array] | None = None,
 ) -> optax.GradientTransformation:
     """A transformation that rewrites each selected leaf with `make_step(count)`.
     `rate` and `mask` were validated by the public factory; the mask's fit to the
@@ -68,7 +72,8 @@ def _leafwise(
         rates = groups.leaf_rates(params, _at(rate, count), mask)  # validates mask and rates now
         if check_init is not None:
             check_init(params, rates)
-        return DecayState(count, jax.tree.map(_copy, anchor))  # a copy: states get donated
+        zero = None if factor is None else jnp.zeros([], jnp.float32)
+        return DecayState(count, jax.tree.map(_copy, anchor), zero)  # a copy: states are donated
 
     def update_fn(updates: Params, state: DecayState, params: Params | None = None):
         if params is None:
@@ -76,7 +81,7 @@ def _leafwise(
                 "wdjax transforms need the params: call update(updates, state, params)"
             )
         if updates is None:  # as Optax's add_decayed_weights: nothing to transform
-            return None, DecayState(optax.safe_increment(state.count), state.anchor)
+            return None, state._replace(count=optax.safe_increment(state.count))
         leaves, treedef = masks.flatten(params)
         _check_shapes(updates, leaves, treedef)
         rates = groups.leaf_rates(params, _at(rate, state.count), mask)
@@ -92,7 +97,9 @@ def _leafwise(
                 treedef.flatten_up_to(updates), leaves, rates, anchors, strict=True
             )
         ]
-        return treedef.unflatten(out), DecayState(optax.safe_increment(state.count), state.anchor)
+        used = None if factor is None else factor(state.count, rates)
+        new_state = DecayState(optax.safe_increment(state.count), state.anchor, used)
+        return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -184,6 +191,26 @@ def multiplier(
     return lambda count: _at(learning_rate, count) ** power / max_learning_rate
 
 
+def check_factor(rate: Rate, c: Callable[[jax.Array], Any]) -> None:
+    """Refuse a concrete per-step factor `c_0·λ ≥ 1`: `w ← (1 − c·λ)·w` would zero or
+    flip the weights at the first step. Schedules and traced values are checked as
+    they are used (see [`DecayState`][wdjax.transforms.DecayState])."""
+    values = rate.groups if isinstance(rate, groups.RateMap) else None
+    leaves = (
+        [r for _, r in values] + [rate.default] if values is not None else jax.tree.leaves(rate)
+    )
+    try:
+        c0 = float(c(jnp.zeros([], jnp.int32)))
+        worst = max((float(r) for r in leaves if not callable(r)), default=0.0)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return  # traced or scheduled: checked where it is used
+    if c0 * worst >= 1:
+        raise ValueError(
+            f"the per-step decay factor c·λ = {c0 * worst:g} is >= 1: w ← (1 − c·λ)·w would "
+            "zero or flip the weights at every step; lower λ (or η)"
+        )
+
+
 def _warn_if_below_resolution(c0: Any) -> Callable[[Params, list[Any]], None]:
     """Warn when `c·λ` is below half an ulp of a low-precision leaf's dtype:
     `w·(1 − c·λ)` then rounds back to `w` and the decay silently does nothing."""
@@ -239,7 +266,7 @@ def decoupled_weight_decay(
     bfloat16/float16 weights a `RuntimeWarning` says when `c·λ` is too small to
     change them at all."""
     _validated(rate, mask, learning_rate=learning_rate, max_learning_rate=max_learning_rate)
-    multiplier(lr_coupling, learning_rate, max_learning_rate)  # the coupling's own checks
+    check_factor(rate, multiplier(lr_coupling, learning_rate, max_learning_rate))
     return _decoupled(rate, mask, learning_rate, lr_coupling, max_learning_rate, cautious, anchor)
 
 
@@ -266,8 +293,12 @@ def _decoupled(
 
         return step
 
+    def largest(count: jax.Array, rates: list[Any]) -> jax.Array:
+        chosen = [jnp.max(jnp.asarray(r, jnp.float32)) for r in rates if r is not None]
+        return jnp.asarray(c(count), jnp.float32) * jnp.max(jnp.stack(chosen or [jnp.zeros([])]))
+
     c0 = c(jnp.zeros([], jnp.int32))
-    return _leafwise(rate, mask, make_step, anchor, _warn_if_below_resolution(c0))
+    return _leafwise(rate, mask, make_step, anchor, _warn_if_below_resolution(c0), largest)
 
 
 def decay_toward(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import json
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -183,6 +184,9 @@ def _optim_options(p: argparse.ArgumentParser, sweep: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wdjax", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not one line"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, run: Any, training: bool = True) -> argparse.ArgumentParser:
@@ -192,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=DESCRIPTION[name], description=DESCRIPTION[name], formatter_class=_Help
         )
         p.set_defaults(run=run)
+        p.add_argument("--debug", action="store_true", help="show tracebacks, not one line")
         _model_options(p)
         _data_options(p)
         if training:
@@ -207,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=_count, help="early stopping on the validation loss")
     t.add_argument("--checkpoint-every", type=_count, help="checkpoint interval in steps")
     t.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    t.add_argument(
+        "--new-hyperparams",
+        action="store_true",
+        help="on --resume, apply a changed --lr/--weight-decay/--l1 (recorded in the history)",
+    )
 
     s = command("sweep", cmd_sweep)
     s.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated seeds")
@@ -264,13 +274,45 @@ def _penalties(args: argparse.Namespace, mask: Any) -> list[penalties.Penalty]:
     return out
 
 
-def _out_dir(path: str) -> pathlib.Path:
-    """Create the output directory before any training, so a bad path fails first."""
+def _out_dir(path: str) -> tuple[pathlib.Path, checkpoint.DirectoryLock]:
+    """Create and lock the output directory before any training, so a bad path or a
+    second run into it fails first."""
     out = pathlib.Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    probe = out / ".wdjax-write-test"
+    probe.write_text("")  # an unwritable directory fails here, not after training
+    probe.unlink()
+    return out, checkpoint.DirectoryLock(out)
+
+
+# Options that do not change what a run computes: they may differ on --resume.
+_NOT_COMPUTATION = ("out", "resume", "no_progress", "epochs", "new_hyperparams", "debug")
+_HYPERPARAMS = {"lr": "learning_rate", "weight_decay": "weight_decay", "l1": "l1"}
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that decide what a run computes, as JSON values."""
+    chosen = {k: v for k, v in vars(args).items() if k not in (*_NOT_COMPUTATION, "run")}
+    return json.loads(json.dumps(chosen, default=str))
+
+
+def _resume_changes(args: argparse.Namespace, stored: dict | None) -> dict[str, float]:
+    """Compare this run's options with the stored run's. Returns the hyperparameters
+    to set (with `--new-hyperparams`); any other difference is an error listing them."""
+    if stored is None:
+        raise UsageError(f"--resume: {args.out} holds no config.json of a wdjax train run")
+    now = _run_config(args)
+    diffs = {k: (stored.get(k), v) for k, v in now.items() if stored.get(k) != v}
+    listed = ", ".join(f"--{k.replace('_', '-')} {a} → {b}" for k, (a, b) in diffs.items())
+    other = [k for k in diffs if k not in _HYPERPARAMS]
+    if other or (diffs and not args.new_hyperparams):
+        hint = "" if other else "; pass --new-hyperparams to apply them from here on"
+        raise UsageError(f"--resume with other options than the stored run's: {listed}{hint}")
+    if "lr" in diffs and args.schedule != "constant":
+        raise UsageError("--new-hyperparams: --lr can change only with --schedule constant")
+    return {_HYPERPARAMS[k]: v for k, (_, v) in diffs.items()}
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
@@ -285,7 +327,14 @@ def cmd_masks(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from wdjax.lab.sweeps import sweep
 
-    out = _out_dir(args.out)
+    out, lock = _out_dir(args.out)
+    try:
+        return _sweep(args, out, sweep)
+    finally:
+        lock.release()
+
+
+def _sweep(args: argparse.Namespace, out: pathlib.Path, sweep: Any) -> int:
     ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
     mask = parse_mask(args.mask)
     result = sweep(
@@ -298,7 +347,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result.to_json(out / "sweep.json")
     print(result.table())
-    result.plot(out / "sweep.png")
+    _plot(lambda result, path: result.plot(path), result, out / "sweep.png")
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.png'}")
     return 0
 
@@ -337,7 +386,14 @@ def _decay_report(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    out = _out_dir(args.out)
+    out, lock = _out_dir(args.out)
+    try:
+        return _train(args, out)
+    finally:
+        lock.release()
+
+
+def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
         raise UsageError(
@@ -345,6 +401,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if args.resume and not args.checkpoint_every:
         raise UsageError("--resume needs --checkpoint-every (the interval the run was saved with)")
+    config_file = out / "config.json"
+    changes: dict[str, float] = {}
+    if args.resume:
+        stored = json.loads(config_file.read_text()) if config_file.exists() else None
+        changes = _resume_changes(args, stored)
+    report.write_json(_run_config(args), config_file)
     ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
     model = _model(args, ds)
     mask = parse_mask(args.mask)
@@ -359,16 +421,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     params, _ = model.init(jax.random.PRNGKey(0))
     table = masks.describe(params, mask, file=None)  # validates the mask before training
 
-    ckpt = (
-        checkpoint.Checkpointer(ckpt_dir, args.checkpoint_every) if args.checkpoint_every else None
-    )
+    ckpt = None
+    if args.checkpoint_every:
+        ckpt = checkpoint.Checkpointer(ckpt_dir, args.checkpoint_every, config=_run_config(args))
     print(
         f"{ds.summary()}; {args.model} with {table.total:,} parameters, {table.decayed:,} decayed"
     )
     result = train.fit(
         model, opt, ds, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
         penalties=loss_terms, mask=mask, patience=args.patience, checkpoints=ckpt,
-        progress=not args.no_progress,
+        progress=not args.no_progress, hyperparams=changes or None,
     )  # fmt: skip
     if ckpt is not None:
         ckpt.close()
@@ -384,7 +446,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "dataset": ds.summary(),
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
+        "diverged": result.diverged,
         "skipped_steps": int(state.skipped),
+        "hyperparams_set_on_resume": changes,
         "results": splits,
         "penalties_in_loss": in_loss,
         "decay": decay,
@@ -393,9 +457,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     report.write_json(summary, out / "summary.json")
     report.write_jsonl(result.history, out / "metrics.jsonl")
     print(_results_table(splits, in_loss, decay, table))
-    report.plot_history(result.history, out / "curves.png")
+    if result.diverged:
+        print(
+            "the run diverged: the last epoch's loss was not finite; the state above is the "
+            f"last finite one ({int(state.skipped)} steps skipped)"
+        )
+    _plot(report.plot_history, result.history, out / "curves.png")
     print(f"wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {out / 'curves.png'}")
     return 0
+
+
+def _plot(draw: Any, what: Any, path: pathlib.Path) -> None:
+    """Draw a figure after the results are written: a failure here loses nothing."""
+    try:
+        draw(what, path)
+    except Exception as e:  # noqa: BLE001 - the results are safe; say why there is no figure
+        print(f"wdjax: warning: could not draw {path} ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _results_table(splits: dict, in_loss: dict, decay: dict, table: Any) -> str:
@@ -418,12 +495,33 @@ def _results_table(splits: dict, in_loss: dict, decay: dict, table: Any) -> str:
     return "\n".join(lines)
 
 
+def _quiet_background_errors() -> None:
+    """Orbax's writer threads log and print tracebacks of their own when a write fails
+    (a full disk): the main thread reports the same failure in one line."""
+    import logging
+    import threading
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("orbax").setLevel(logging.CRITICAL)
+    threading.excepthook = lambda hook_args: None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI: every failure is one line `wdjax: error: ...` and exit status 2
+    (`--debug`: the traceback instead)."""
     parser = build_parser()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    if not debug:
+        _quiet_background_errors()
     try:
         args = parser.parse_args(argv)
         return args.run(args)
-    except (UsageError, ValueError, TypeError, ImportError, OSError) as e:
+    except KeyboardInterrupt:
+        print("wdjax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's contract: one line, exit 2
+        if debug:
+            raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"wdjax: error: {message}", file=sys.stderr)
         return 2

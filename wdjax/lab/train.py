@@ -26,7 +26,9 @@ from wdjax import masks
 from wdjax.lab import tasks
 from wdjax.lab.report import progress_bar
 from wdjax.lab.tasks import Batch, Metrics, Task, as_task
+from wdjax.optimizers import set_hyperparams
 from wdjax.penalties import Penalty, regularized
+from wdjax.transforms import DecayState
 from wdjax.types import Mask, Params, is_float
 
 __all__ = [
@@ -104,12 +106,27 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _hyperparams_ok(opt_state: Any) -> jax.Array:
-    """True when every injected hyperparameter is finite and `>= 0`."""
+    """True when every injected hyperparameter is finite and `>= 0`, and every
+    decoupled decay's per-step factor `c_t·λ` is below 1."""
     found = jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
     values = [
         v for s in found for v in jax.tree.leaves(getattr(s, "hyperparams", {})) if is_float(v)
     ]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v) & (v >= 0)) for v in values] or [True]))
+    ok = [jnp.all(jnp.isfinite(v) & (v >= 0)) for v in values]
+    ok += [f < 1 for f in _decay_factors(opt_state)]
+    return jnp.all(jnp.stack(ok or [jnp.array(True)]))
+
+
+def _decay_factors(opt_state: Any) -> list[jax.Array]:
+    """The per-step factors `c_t·λ` the decoupled decays in `opt_state` last applied."""
+    found = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, DecayState))
+    return [s.factor for s in found if isinstance(s, DecayState) and s.factor is not None]
+
+
+def decay_factor(opt_state: Any) -> jax.Array:
+    """The largest per-step decay factor `c_t·λ` of the last update (NaN if none)."""
+    factors = _decay_factors(opt_state)
+    return jnp.max(jnp.stack(factors)) if factors else jnp.array(jnp.nan, jnp.float32)
 
 
 def make_train_step(
@@ -173,6 +190,7 @@ def make_train_step(
             **weight_metrics(new_state.params, masks.resolve(new_state.params, mask)),
             "learning_rate": hyperparam(new_opt_state, "learning_rate"),
             "weight_decay": hyperparam(new_opt_state, "weight_decay"),
+            "decay_factor": decay_factor(new_opt_state),
             "skipped": skipped,
         }
         return new_state, metrics
@@ -285,6 +303,7 @@ def fit(
     on_epoch: Callable[[dict[str, float], list[dict]], None] | None = None,
     params: Params = None,
     scan: bool = True,
+    hyperparams: dict[str, float] | None = None,
 ) -> FitResult:
     """Train `model` (a [`Task`][wdjax.lab.tasks.Task] or a reference Model) on
     `data` (a [`wdjax.lab.data.Dataset`][] or `(train, val)` arrays) for `epochs`.
@@ -295,7 +314,9 @@ def fit(
     `checkpoints`: a [`wdjax.lab.checkpoint.Checkpointer`][]; training resumes from
     its latest checkpoint, if any. `on_epoch(record, step_metrics)` sees each
     epoch's record and its per-step metrics (as host lists). `params`: start from
-    these instead of a fresh init (fine-tuning).
+    these instead of a fresh init (fine-tuning). `hyperparams`: injected values set
+    into the optimizer state after init or restore (`set_hyperparams`: no recompile);
+    on a resumed run the next epoch record lists them under `hyperparams_set`.
 
     `scan=False` dispatches the steps one by one (asynchronously: still no host round
     trip per step) instead of one `lax.scan` per stretch: for models whose backward
@@ -322,6 +343,9 @@ def fit(
             )
         state, history = restored.state, restored.history
         pending = [restored.pending] if restored.pending else []
+    note = dict(hyperparams) if hyperparams and restored is not None else None
+    if hyperparams:
+        state = state._replace(opt_state=set_hyperparams(state.opt_state, **hyperparams))
     one_by_one = not scan
     best: tuple[float, TrainState | None, int] = (np.inf, None, len(history))
     bar = progress_bar(progress, epochs, initial=len(history))
@@ -336,6 +360,8 @@ def fit(
             pending = []
             _check_hyperparams(per_step, done - steps_per_epoch)
             record = epoch_record(task, state, val_data, per_step, done // steps_per_epoch)
+            if note:
+                record, note = record | {"hyperparams_set": note}, None
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record, per_step)
@@ -368,17 +394,19 @@ class TrainingError(RuntimeError):
 def _check_hyperparams(per_step: dict[str, list], first_step: int) -> None:
     """Stop at the end of an epoch in which a schedule gave a negative or non-finite
     learning rate or weight decay (those steps were skipped, not applied)."""
-    for name in ("learning_rate", "weight_decay"):
+    for name in ("learning_rate", "weight_decay", "decay_factor"):
         values = np.asarray(per_step.get(name, []), dtype=np.float64)
-        if np.all(np.isnan(values)):  # the optimizer does not inject it
+        if np.all(np.isnan(values)):  # the optimizer does not have it
             continue
-        bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+        ok = np.isfinite(values) & (values >= 0) & ((values < 1) | (name != "decay_factor"))
+        bad = np.flatnonzero(~ok)
         if bad.size:
             i = int(bad[0])
+            rule = "below 1" if name == "decay_factor" else "finite and >= 0"
             raise TrainingError(
-                f"at step {first_step + i} the {name.replace('_', ' ')} was {values[i]:g}: a "
-                f"schedule must give finite values >= 0 ({bad.size} step(s) of this epoch "
-                "were skipped, not applied)"
+                f"at step {first_step + i} the {name.replace('_', ' ')} was {values[i]:g}, "
+                f"it must be {rule} ({bad.size} step(s) of this epoch were skipped, "
+                "not applied)"
             )
 
 
@@ -392,6 +420,7 @@ def _result(state: TrainState, history: list[dict], stopped_early: bool = False)
 LAST = (
     "learning_rate",
     "weight_decay",
+    "decay_factor",
     "skipped",
     "weight_norm",
     "weight_norm_decayed",
