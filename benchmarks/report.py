@@ -24,6 +24,7 @@ SECTIONS = {
     "sweep": "benchmarks.sweep_vs_sequential",
     "compile": "benchmarks.bench_compile",
     "cnn": "benchmarks.bench_cnn",
+    "checkpoint": "benchmarks.bench_checkpoint",
 }
 SUMMARY_HEAD = ["benchmark", "measured", "target", "met"]
 

@@ -69,6 +69,8 @@ class Config:
     cnn_rounds: int = 10
     cnn_number: int = 3
     cnn_scan_length: int = 4
+    checkpoint_params: int = 10_000_000
+    checkpoint_rounds: int = 5
 
     def bandwidth_number(self, n: int) -> int:
         """Calls per timed sample for ``n`` parameters: about 20M parameters in all, 1 to 20."""
@@ -92,6 +94,8 @@ def quick() -> Config:
         cnn_rounds=2,
         cnn_number=1,
         cnn_scan_length=2,
+        checkpoint_params=1 << 16,
+        checkpoint_rounds=2,
     )
 
 
