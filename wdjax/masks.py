@@ -150,7 +150,7 @@ NONE = Selector(lambda p, x: False, "NONE")
 
 _BIAS_NAMES = frozenset({"bias", "b", "beta", "offset"})
 _SCALE_NAMES = frozenset({"scale", "gamma"})
-_NORM_MODULE = re.compile(r"norm|^(ln|bn)(_?\d+|_f)?$", re.IGNORECASE)
+_NORM_MODULE = re.compile(r"norm|(^|_)(ln|bn|rms)(_?\d+|_f)?$", re.IGNORECASE)
 _EMBEDDING = re.compile(r"embed|token|wte|wpe", re.IGNORECASE)
 
 
@@ -211,9 +211,22 @@ top-level `bias` of rank 2 is decayed there too)."""
 NANOGPT = Selector(lambda p, x: np.ndim(x) >= 2, "NANOGPT")
 """nanoGPT's `configure_optimizers`: leaves with `ndim >= 2` (embeddings included)."""
 
-HF = Selector(lambda p, x: not _HF_FORBIDDEN.search(_dotted(p)), "HF")
-"""Hugging Face `Trainer.get_decay_parameter_names`, by name: not a bias and not in a
-layer whose name says `layernorm`, `rmsnorm` or `norm`."""
+# HF also drops every parameter of an `nn.LayerNorm` by type; JAX params have no types,
+# so the LayerNorm names its patterns miss (GPT-2's `ln_1`, `ln_f`; timm's `norm1`) stand in.
+_HF_LAYERNORM_NAMES = re.compile(r"^ln(_?\d+|_f)?$|^norm\d+$")
+
+HF = Selector(
+    lambda p, x: (
+        not (
+            _HF_FORBIDDEN.search(_dotted(p))
+            or any(_HF_LAYERNORM_NAMES.match(q.lower()) for q in p.split("/")[:-1])
+        )
+    ),
+    "HF",
+)
+"""Hugging Face `Trainer.get_decay_parameter_names`: not a bias and not in a layer whose
+name says `layernorm`, `rmsnorm` or `norm`, nor in a LayerNorm named `ln_*` or `norm<k>`
+(HF finds those by type)."""
 
 
 # ---------------------------------------------------------------- resolution
