@@ -1,4 +1,6 @@
-"""Loading peer libraries' code for the parity tests without their heavy package imports.
+"""Running peer libraries in the parity tests: a PyTorch copy of the test MLP trained
+step by step (:func:`torch_trajectory`), and peer code loaded without its heavy package
+imports (:func:`load_timm`).
 
 timm's package ``__init__`` imports every model, and through ``timm.layers`` torchvision,
 which a CPU-only PyTorch install may lack (or have in a mismatched version). Its optimizers
@@ -13,8 +15,9 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -80,3 +83,51 @@ def load_timm(module_name: str, fill: Mapping[str, str] | None = None) -> Iterat
         for name in [k for k in sys.modules if _is_timm(k)]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def torch_trajectory(
+    make_optimizer: Callable[[list], Any],
+    steps: int,
+    before_step: Callable[[Any, int], None] | None = None,
+) -> dict:
+    """Train a PyTorch copy of `helpers.MLP0` (tanh MLP, MSE on `helpers.BATCHES`) for
+    `steps` steps with `make_optimizer(layers)`; `before_step(optimizer, t)` runs before
+    each step (a schedule setting `group["lr"]`). Returns the params after each step,
+    stacked, in the JAX layout (`kernel` = `weight.T`)."""
+    import jax
+    import numpy as np
+    import torch
+    from helpers import BATCHES, MLP0
+
+    torch.set_num_threads(1)
+    layers = []
+    for i in range(len(MLP0)):
+        kernel, bias = (np.asarray(MLP0[f"dense{i}"][k]) for k in ("kernel", "bias"))
+        layer = torch.nn.Linear(*kernel.shape)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            layer.bias.copy_(torch.from_numpy(bias.copy()))
+        layers.append(layer)
+    optimizer = make_optimizer(layers)
+    xs, ys = (np.array(b) for b in BATCHES)
+    out = []
+    for t in range(steps):
+        if before_step is not None:
+            before_step(optimizer, t)
+        h = torch.from_numpy(xs[t])
+        for layer in layers[:-1]:
+            h = torch.tanh(layer(h))
+        loss = torch.nn.functional.mse_loss(layers[-1](h), torch.from_numpy(ys[t]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        out.append(
+            {
+                f"dense{i}": {
+                    "kernel": layer.weight.detach().numpy().T.copy(),
+                    "bias": layer.bias.detach().numpy().copy(),
+                }
+                for i, layer in enumerate(layers)
+            }
+        )
+    return jax.tree.map(lambda *xs: np.stack(xs), *out)

@@ -5,57 +5,20 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip(
     "torch", reason="PyTorch is needed for the parity tests (pip install 'wdjax[parity]')"
 )
 
-import jax  # noqa: E402
-from helpers import BATCHES, MLP0, max_rel_err, trajectory  # noqa: E402
+from helpers import max_rel_err, trajectory  # noqa: E402
+from peers import torch_trajectory  # noqa: E402
 
 import wdjax  # noqa: E402
 from wdjax import masks  # noqa: E402
 
 STEPS = 100
 LR, WD = 1e-3, 0.1
-
-
-def torch_trajectory(make_optimizer) -> dict:
-    """Train a torch copy of ``MLP0`` for ``STEPS`` steps; params after each step,
-    stacked, in the JAX layout (``kernel`` = ``weight.T``)."""
-    torch.set_num_threads(1)
-    n = len(MLP0)
-    layers = []
-    for i in range(n):
-        kernel, bias = (np.asarray(MLP0[f"dense{i}"][k]) for k in ("kernel", "bias"))
-        layer = torch.nn.Linear(*kernel.shape)
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            layer.bias.copy_(torch.from_numpy(bias.copy()))
-        layers.append(layer)
-    optimizer = make_optimizer(layers)
-    xs, ys = (np.array(b) for b in BATCHES)
-    out = []
-    for t in range(STEPS):
-        h = torch.from_numpy(xs[t])
-        for layer in layers[:-1]:
-            h = torch.tanh(layer(h))
-        loss = torch.nn.functional.mse_loss(layers[-1](h), torch.from_numpy(ys[t]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        out.append(
-            {
-                f"dense{i}": {
-                    "kernel": layer.weight.detach().numpy().T.copy(),
-                    "bias": layer.bias.detach().numpy().copy(),
-                }
-                for i, layer in enumerate(layers)
-            }
-        )
-    return jax.tree.map(lambda *xs: np.stack(xs), *out)
 
 
 def all_params(layers):
@@ -100,7 +63,7 @@ CASES = {
 def trajectories(case: str) -> tuple[dict, dict]:
     """(wdjax, torch) params after each step, for one of ``CASES``."""
     ours, theirs = CASES[case]
-    return trajectory(ours(), steps=STEPS), torch_trajectory(theirs)
+    return trajectory(ours(), steps=STEPS), torch_trajectory(theirs, STEPS)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -19,10 +19,9 @@ torch = pytest.importorskip(
     "torch", reason="PyTorch is needed for the timm parity tests (pip install 'wdjax[parity]')"
 )
 
-import jax  # noqa: E402
 import optax  # noqa: E402
-from helpers import BATCHES, MLP0, max_rel_err, trajectory  # noqa: E402
-from peers import load_timm  # noqa: E402
+from helpers import max_rel_err, trajectory  # noqa: E402
+from peers import load_timm, torch_trajectory  # noqa: E402
 
 import wdjax  # noqa: E402
 from wdjax import masks  # noqa: E402
@@ -46,47 +45,24 @@ def timm_optim() -> dict:
 
 
 def timm_trajectory(make_optimizer, decay_biases: bool) -> dict:
-    """Train a torch copy of ``MLP0`` with a timm optimizer for ``STEPS`` steps; params
-    after each step, stacked, in the JAX layout (``kernel`` = ``weight.T``)."""
-    torch.set_num_threads(1)
-    layers = []
-    for i in range(len(MLP0)):
-        kernel, bias = (np.asarray(MLP0[f"dense{i}"][k]) for k in ("kernel", "bias"))
-        layer = torch.nn.Linear(*kernel.shape)
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            layer.bias.copy_(torch.from_numpy(bias.copy()))
-        layers.append(layer)
-    # two param groups, as timm's param_groups_weight_decay builds them
-    weights, biases = [[getattr(m, k) for m in layers] for k in ("weight", "bias")]
-    optimizer = make_optimizer(
-        [
-            {"params": weights, "weight_decay": WD},
-            {"params": biases, "weight_decay": WD if decay_biases else 0.0},
-        ]
-    )
-    xs, ys = (np.array(b) for b in BATCHES)
-    out = []
-    for t in range(STEPS):
-        for group in optimizer.param_groups:
-            group["lr"] = float(SCHEDULE(t))  # what timm's schedulers do before each step
-        h = torch.from_numpy(xs[t])
-        for layer in layers[:-1]:
-            h = torch.tanh(layer(h))
-        loss = torch.nn.functional.mse_loss(layers[-1](h), torch.from_numpy(ys[t]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        out.append(
-            {
-                f"dense{i}": {
-                    "kernel": layer.weight.detach().numpy().T.copy(),
-                    "bias": layer.bias.detach().numpy().copy(),
-                }
-                for i, layer in enumerate(layers)
-            }
+    """Train a torch copy of `MLP0` with a timm optimizer for `STEPS` steps, in two
+    param groups as timm's `param_groups_weight_decay` builds them, the learning rate set
+    from `SCHEDULE` before each step as timm's schedulers do."""
+
+    def groups(layers):
+        weights, biases = [[getattr(m, k) for m in layers] for k in ("weight", "bias")]
+        return make_optimizer(
+            [
+                {"params": weights, "weight_decay": WD},
+                {"params": biases, "weight_decay": WD if decay_biases else 0.0},
+            ]
         )
-    return jax.tree.map(lambda *xs: np.stack(xs), *out)
+
+    def schedule(optimizer, t):
+        for group in optimizer.param_groups:
+            group["lr"] = float(SCHEDULE(t))
+
+    return torch_trajectory(groups, STEPS, schedule)
 
 
 def corrected(corrected_weight_decay: bool) -> dict:
