@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 
 import wdjax
-from benchmarks.report import num, timing_table, yes
+from benchmarks.report import num, timing_table
 from benchmarks.timing import interleaved, log
 from wdjax.lab import checkpoint, train
 
 TITLE = "7. Checkpoint verification"
-TARGET = 2.0  # verified save / unverified save: a read-back costs about one more pass
 
 
 def _state(n: int) -> train.TrainState:
@@ -78,9 +77,8 @@ def run(cfg: Any) -> dict[str, Any]:
             "restore_verified/restore_unverified": res["restore_verified"]["median_s"]
             / res["restore_unverified"]["median_s"],
         },
-        "target": f"save_verified / save_unverified <= {TARGET}",
+        "target": "none: the cost is measured, not bounded",
     }
-    out["met"] = out["ratios"]["save_verified/save_unverified"] <= TARGET
     log(f"checkpoint {n_params:,} params, MB/s", res, lambda v: num(v["MB_per_s"], ".0f"))
     return out
 
@@ -92,8 +90,8 @@ def summary(s: dict[str, Any]) -> list[list[str]]:
             f"7. checkpoint of {s['params']:,} params (AdamW state): verified / unverified",
             f"save {num(r['save_verified/save_unverified'], '.2f')}, "
             f"restore {num(r['restore_verified/restore_unverified'], '.2f')}",
-            f"save ≤ {TARGET}",
-            yes(s["met"]),
+            "measured",
+            "–",
         ]
     ]
 

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--markdown",
         default=None,
-        help="where to write the report (default: benchmarks/RESULTS.md; --quick: none)",
+        help="where to write the report (default: benchmarks/RESULTS.md; --quick or a subset "
+        "with --only: none)",
     )
     p.add_argument(
         "--render",
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
         results["meta"]["json_path"] = path
-        markdown = args.markdown or (None if cfg.quick else os.path.join(HERE, "RESULTS.md"))
+        subset = set(args.only) != set(ALL)  # a partial run never overwrites RESULTS.md
+        default = None if cfg.quick or subset else os.path.join(HERE, "RESULTS.md")
+        markdown = args.markdown or default
     text = report.render(results)
     if markdown:
         with open(markdown, "w") as f:
