@@ -111,7 +111,9 @@ def leaf_rates(params: Params, rate: Rate, mask: Mask = None) -> list[Any]:
 
     `rate` is a scalar (concrete or traced), a [`RateMap`][wdjax.groups.RateMap], or a pytree of
     per-leaf rates shaped like the params (or a prefix of them). Values are not
-    checked here: the public factory that took `rate` did that."""
+    checked here: the public factory that took `rate` did that. A mask and a
+    [`RateMap`][wdjax.groups.RateMap] with some nonzero rate that together select nothing
+    raise `ValueError`."""
     chosen = resolve(params, mask)
     if isinstance(rate, RateMap):
         values = rate.resolve(params)
@@ -119,7 +121,15 @@ def leaf_rates(params: Params, rate: Rate, mask: Mask = None) -> list[Any]:
         values = [rate] * len(chosen)
     else:
         values = _fit_tree(rate, params, "rate")
-    return [
+    out = [
         v if c and not (isinstance(v, (int, float)) and v == 0) else None
         for c, v in zip(chosen, values, strict=True)
     ]
+    nonzero = [r for _, r in rate.groups] + [rate.default] if isinstance(rate, RateMap) else []
+    if any(chosen) and all(v is None for v in out) and any(r != 0 for r in nonzero):
+        picked = [p for (p, _), c in zip(leaves_with_paths(params), chosen, strict=True) if c]
+        raise ValueError(
+            f"the mask and the rates {dict(rate.groups)} (default {rate.default}) together "
+            f"select nothing: the mask selects {_preview(picked)}, where every rate is 0"
+        )
+    return out

@@ -38,6 +38,7 @@ import optax
 
 from wdjax import groups, masks
 from wdjax.transforms import (
+    _check_shapes,
     _decoupled,
     _l1_proximal,
     _l2_gradient,
@@ -76,6 +77,19 @@ def _float16_in_float32(inner: optax.GradientTransformation) -> optax.GradientTr
     return optax.GradientTransformation(lambda params: inner.init(up(params)), update)
 
 
+def _fitting_updates() -> optax.GradientTransformation:
+    """First in every optimizer: updates must have the params' structure and shapes
+    (checked when traced), before any moment could broadcast them silently."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if updates is not None and params is not None:
+            leaves, treedef = masks.flatten(params)
+            _check_shapes(updates, leaves, treedef)
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _build(
     direction: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule,
@@ -100,7 +114,8 @@ def _build(
     def chain(
         learning_rate: Any, weight_decay: Any, l1: Any = None
     ) -> optax.GradientTransformation:
-        parts = [_l2_gradient(weight_decay, mask)] if coupled else []
+        parts = [_fitting_updates()]
+        parts += [_l2_gradient(weight_decay, mask)] if coupled else []
         parts += [_float16_in_float32(direction), _descend(learning_rate)]
         if not coupled:
             parts.append(
