@@ -90,6 +90,14 @@ def _fitting_updates() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _betas(**values: float) -> None:
+    """Moment decays in [0, 1), ε ≥ 0: checked once, here, as the optimizer is built."""
+    for name, value in values.items():
+        groups.check_rate(value, name)
+        if name.startswith("b") and not value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
 def _build(
     direction: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule,
@@ -151,6 +159,7 @@ def adamw(
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW: `u = −η_t·m̂/(√v̂ + ε) − c_t·λ·w` (`nesterov=True`: NAdamW). `b1`, `b2`,
     `eps`, `eps_root`, `mu_dtype` and `nesterov` as in `optax.adamw`."""
+    _betas(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _build(
         optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
         learning_rate,
@@ -178,6 +187,7 @@ def adam_l2(
     l1: Rate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam on `g + λ·w` (coupled L2): PyTorch `Adam(weight_decay=λ)`."""
+    _betas(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _build(
         optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
         learning_rate,
@@ -257,6 +267,7 @@ def lionw(
     cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Lion (sign of interpolated momentum) with decoupled decay, as in the Lion paper."""
+    _betas(b1=b1, b2=b2)
     return _build(
         optax.scale_by_lion(b1, b2, mu_dtype),
         learning_rate,

@@ -187,6 +187,12 @@ def multiplier(
                 f"lr_coupling={lr_coupling!r} with a schedule needs max_learning_rate= (η_max)"
             )
         max_learning_rate = learning_rate
+    if not callable(max_learning_rate) and not isinstance(max_learning_rate, jax.core.Tracer):
+        if not max_learning_rate > 0:
+            raise ValueError(
+                f"lr_coupling={lr_coupling!r} divides by η_max: it must be > 0, got "
+                f"{max_learning_rate!r}"
+            )
     power = 1 if lr_coupling == "schedule" else 2
     return lambda count: _at(learning_rate, count) ** power / max_learning_rate
 

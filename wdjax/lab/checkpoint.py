@@ -144,6 +144,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self._path, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
         )
+        self._bad: set[int] = set()  # steps found unusable: replaced or deleted by save
 
     def steps(self) -> list[int]:
         """The steps saved in the directory, newest first (verified or not)."""
@@ -154,6 +155,9 @@ class Checkpointer:
         it, then delete the checkpoints beyond the newest `keep`."""
         ocp = _ocp()
         step = int(state.step)
+        if step in self._bad:  # a damaged checkpoint of this step: write it anew
+            self._manager.delete(step)
+            self._bad.discard(step)
         if step in self._manager.all_steps():
             return
         host = jax.device_get(state)
@@ -181,6 +185,9 @@ class Checkpointer:
                     "older checkpoints were kept"
                 )
         _hook("after_verify", step)
+        for bad in self._bad & set(self.steps()):  # a verified one now stands after them
+            self._manager.delete(bad)
+        self._bad.clear()
         for old in self.steps()[self.keep :]:
             self._manager.delete(old)
 
@@ -204,8 +211,8 @@ class Checkpointer:
             state, meta = self._read(step, like)
             state = jax.device_get(state)
         except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
-            why = str(e).splitlines()[0] if str(e) else ""
-            return None, {}, f"{type(e).__name__}: {why}".rstrip(": ")
+            why = (str(e).splitlines()[0] if str(e) else "").split(" See full TensorStore")[0]
+            return None, {}, f"{type(e).__name__}: {why[:200]}".rstrip(": ")
         return state, meta, _problem(state, like, meta["checksums"])
 
     def load(self, like: Any) -> Restored | None:
@@ -227,6 +234,7 @@ class Checkpointer:
                     state, list(meta["history"]), dict(meta["pending"]), meta["config"], step
                 )
             failures.append(f"step {step}: {problem}")
+            self._bad.add(step)
             self.log(f"checkpoint step {step} in {self._path} is unusable ({problem})")
         if failures:
             raise CheckpointError(f"no checkpoint in {self._path} verifies ({'; '.join(failures)})")

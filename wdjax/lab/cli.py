@@ -395,12 +395,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
+    saved = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if saved and not args.resume:
         raise UsageError(
             f"{ckpt_dir} already holds checkpoints: pass --resume, or choose another --out"
         )
     if args.resume and not args.checkpoint_every:
         raise UsageError("--resume needs --checkpoint-every (the interval the run was saved with)")
+    if args.resume and not saved:
+        raise UsageError(f"--resume: {ckpt_dir} holds no checkpoint to resume from")
     config_file = out / "config.json"
     changes: dict[str, float] = {}
     if args.resume:
@@ -427,13 +430,15 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     print(
         f"{ds.summary()}; {args.model} with {table.total:,} parameters, {table.decayed:,} decayed"
     )
-    result = train.fit(
-        model, opt, ds, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
-        penalties=loss_terms, mask=mask, patience=args.patience, checkpoints=ckpt,
-        progress=not args.no_progress, hyperparams=changes or None,
-    )  # fmt: skip
-    if ckpt is not None:
-        ckpt.close()
+    try:
+        result = train.fit(
+            model, opt, ds, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
+            penalties=loss_terms, mask=mask, patience=args.patience, checkpoints=ckpt,
+            progress=not args.no_progress, hyperparams=changes or None,
+        )  # fmt: skip
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     state = result.state
     splits = {
         name: train.evaluate(model, state.params, state.model_state, ds.arrays(name))
@@ -457,6 +462,12 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     report.write_json(summary, out / "summary.json")
     report.write_jsonl(result.history, out / "metrics.jsonl")
     print(_results_table(splits, in_loss, decay, table))
+    if int(state.skipped):
+        print(
+            f"wdjax: warning: {int(state.skipped)} step(s) were skipped (non-finite loss, "
+            "gradients or update, or a bad scheduled hyperparameter)",
+            file=sys.stderr,
+        )
     if result.diverged:
         print(
             "the run diverged: the last epoch's loss was not finite; the state above is the "
@@ -501,9 +512,9 @@ def _quiet_background_errors() -> None:
     import logging
     import threading
 
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
-    logging.getLogger("orbax").setLevel(logging.CRITICAL)
+    logging.disable(logging.CRITICAL)  # absl, orbax, asyncio: the CLI itself logs nothing
     threading.excepthook = lambda hook_args: None
+    sys.unraisablehook = lambda hook_args: None  # orbax's abandoned read coroutines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

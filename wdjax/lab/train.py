@@ -284,7 +284,8 @@ class FitResult:
     state: TrainState  # final (or, with early stopping, best) state; always finite
     history: list[dict[str, float]]  # one record per epoch
     stopped_early: bool = False
-    diverged: bool = False  # the last epoch's loss or validation loss was not finite
+    diverged: bool = False  # the last epoch's loss or validation loss was not finite, or
+    # every step of the last epoch was skipped
 
 
 def fit(
@@ -412,7 +413,11 @@ def _check_hyperparams(per_step: dict[str, list], first_step: int) -> None:
 
 def _result(state: TrainState, history: list[dict], stopped_early: bool = False) -> FitResult:
     last = history[-1] if history else {}
+    prev = history[-2] if len(history) > 1 else {"skipped": 0.0, "step": 0}
+    steps = last["step"] - prev["step"] if history else 0
+    every_step_skipped = bool(history) and last["skipped"] - prev["skipped"] >= steps > 0
     diverged = bool(history) and not (np.isfinite(last["loss"]) and np.isfinite(last["val_loss"]))
+    diverged = diverged or every_step_skipped
     return FitResult(state, history, stopped_early, diverged)
 
 
