@@ -1096,6 +1096,18 @@ def _fill(argv: list[str], tmp_path: pathlib.Path) -> list[str]:
     return [a.format(file=tmp_path / "file", empty=tmp_path / "empty") for a in argv]
 
 
+def _cli_process(argv: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process, so its whole stderr can be inspected."""
+    return subprocess.run(
+        [sys.executable, "-m", "wdjax.lab.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
+
+
 class TestBadCommandLines:
     """Every bad command line: exit status 2, exactly one line `wdjax: error: ...` on
     standard error, no traceback (`--debug` shows it)."""
@@ -1117,14 +1129,7 @@ class TestBadCommandLines:
         ],
     )
     def test_no_traceback_reaches_stderr(self, argv, message, tmp_path):
-        proc = subprocess.run(
-            [sys.executable, "-m", "wdjax.lab.cli", *_fill(argv, tmp_path)],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-            timeout=300,
-        )
+        proc = _cli_process(_fill(argv, tmp_path), tmp_path)
         assert proc.returncode == 2
         _one_error_line(proc.stderr, message)
 
@@ -1136,14 +1141,7 @@ class TestBadCommandLines:
         ],
     )
     def test_debug_shows_the_traceback(self, argv, error, tmp_path):
-        proc = subprocess.run(
-            [sys.executable, "-m", "wdjax.lab.cli", *_fill(argv, tmp_path)],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-            timeout=300,
-        )
+        proc = _cli_process(_fill(argv, tmp_path), tmp_path)
         assert proc.returncode != 0
         assert "Traceback (most recent call last)" in proc.stderr and error in proc.stderr
         assert "wdjax: error:" not in proc.stderr
