@@ -110,6 +110,32 @@ def task(
     return Task(lambda key: (init(key), {}), train_loss, per_example, name)
 
 
+@functools.lru_cache(maxsize=64)
+def in_dtype(task: Task, dtype: Any) -> Task:
+    """`task` computed in `dtype` (mixed precision): its loss and metrics see params and
+    float batch leaves cast to `dtype`, and return float32 values and model state in its
+    own dtypes, so gradients, optimizer state and master params stay float32. Cached."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(tree: Any) -> Any:
+        low = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        return jax.tree.map(low, tree)
+
+    def back(tree: Any, like: Any) -> Any:
+        return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+    def loss(params: Params, model_state: ModelState, batch: Batch, rng: jax.Array) -> tuple:
+        value, (new_state, metrics) = task.loss(cast(params), model_state, cast(batch), rng)
+        f32 = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+        return value.astype(jnp.float32), (back(new_state, model_state), f32)
+
+    def per_example(params: Params, model_state: ModelState, batch: Batch) -> Metrics:
+        values = task.per_example(cast(params), model_state, cast(batch))
+        return {k: v.astype(jnp.float32) for k, v in values.items()}
+
+    return Task(task.init, loss, per_example, f"{task.name}@{dtype.name}")
+
+
 def as_task(model: Model | Task) -> Task:
     """A [`Task`][wdjax.lab.tasks.Task] as is; a reference [`Model`][wdjax.lab.models.Model] as its
     [`classifier`][wdjax.lab.tasks.classifier]."""

@@ -14,8 +14,9 @@ resuming from a checkpoint reproduces an uninterrupted run exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ import numpy as np
 import optax
 
 from wdjax import masks
+from wdjax.distributed import Layout
 from wdjax.lab import tasks
 from wdjax.lab.report import progress_bar
 from wdjax.lab.tasks import Batch, Metrics, Task, as_task
@@ -40,6 +42,7 @@ __all__ = [
     "evaluate",
     "fit",
     "init_state",
+    "init_state_on",
     "make_train_step",
     "progress_bar",
     "run_steps",
@@ -135,6 +138,7 @@ def make_train_step(
     *,
     penalties: Sequence[Penalty] = (),
     mask: Mask = masks.DEFAULT,
+    layout: Layout | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `step(state, batch) -> (state, metrics)` (not jitted: jit it, scan it
     or vmap it; [`fit`][wdjax.lab.train.fit] does all three as needed):
@@ -166,6 +170,8 @@ def make_train_step(
         return params, opt_state, old_model_state
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if layout is not None:
+            batch = layout.constrain_batch(batch)
         rng = jax.random.fold_in(jax.random.split(state.rng)[1], state.step)
         (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, state.model_state, batch, rng
@@ -255,13 +261,13 @@ def evaluate(
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
-def splits(data: Any) -> tuple[Batch, Batch]:
+def splits(data: Any, host: bool = False) -> tuple[Batch, Batch]:
     """`(train, val)` pytrees of arrays from a [`wdjax.lab.data.Dataset`][] or a
-    `(train, val)` pair."""
+    `(train, val)` pair; JAX arrays, or as given with `host=True`."""
     if hasattr(data, "arrays"):
         return data.arrays("train"), data.arrays("val")
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return tuple(jax.tree.map(jnp.asarray, d) for d in data)
+        return tuple(d if host else jax.tree.map(jnp.asarray, d) for d in data)
     raise TypeError(f"expected a wdjax.lab.data.Dataset or (train, val) arrays, got {data!r}")
 
 
@@ -305,6 +311,8 @@ def fit(
     params: Params = None,
     scan: bool = True,
     hyperparams: dict[str, float] | None = None,
+    layout: Layout | None = None,
+    feed: Literal["device", "host"] = "device",
 ) -> FitResult:
     """Train `model` (a [`Task`][wdjax.lab.tasks.Task] or a reference Model) on
     `data` (a [`wdjax.lab.data.Dataset`][] or `(train, val)` arrays) for `epochs`.
@@ -319,20 +327,47 @@ def fit(
     into the optimizer state after init or restore (`set_hyperparams`: no recompile);
     on a resumed run the next epoch record lists them under `hyperparams_set`.
 
+    `layout` (a [`wdjax.distributed.Layout`][]): the state is created sharded by it
+    (`jit(init, out_shardings=...)`, never whole on one device), steps are jitted with
+    its shardings and donation, batches are split over its data axes, and a resume
+    restores onto it. Under several processes (`jax.distributed.initialize`) every
+    process runs `fit` with the same arguments; only process 0 shows progress.
+
+    `feed="host"`: the training data stays in host memory (NumPy arrays or memmaps,
+    anything indexable by row arrays) and each process reads only its rows of each
+    global batch, one step at a time; the batch order is the same pure function of
+    `(seed, step)` as on the device path, so the runs are equal.
+
     `scan=False` dispatches the steps one by one (asynchronously: still no host round
     trip per step) instead of one `lax.scan` per stretch: for models whose backward
     pass XLA:CPU runs slowly inside a loop, such as plain `lax` convolutions
     (jax-ml/jax#12868; the reference CNN avoids this with [`wdjax.lab.ops`][])."""
+    if layout is None and jax.process_count() > 1:
+        raise ValueError(
+            f"fit runs in {jax.process_count()} processes without a layout, so each would "
+            "train alone on its own devices: pass layout=wdjax.distributed.Layout("
+            "wdjax.distributed.make_mesh('data=-1')) (CLI: --mesh data=-1)"
+        )
+    if feed not in ("device", "host"):
+        raise ValueError(f"feed must be 'device' or 'host', got {feed!r}")
     task = as_task(model)
-    train_data, val_data = splits(data)
+    train_data, val_data = splits(data, host=True)
     n = jax.tree.leaves(train_data)[0].shape[0]
     batch_size = min(batch_size, n)
+    if layout is not None and batch_size % layout.data_size:
+        raise ValueError(
+            f"batch size {batch_size} does not split over the layout's "
+            f"{layout.data_size} data-parallel devices: use a multiple of {layout.data_size}"
+        )
     steps_per_epoch = n // batch_size
     total = epochs * steps_per_epoch
-    step = make_train_step(task, optimizer, penalties=penalties, mask=mask)
-    run = jax.jit(run_steps, static_argnums=(0, 3, 4, 6), donate_argnums=1)
+    step = make_train_step(task, optimizer, penalties=penalties, mask=mask, layout=layout)
+    state, shardings = init_state_on(layout, task, optimizer, jax.random.PRNGKey(seed), params)
+    val_data = _place(layout, val_data)
+    if feed == "device":
+        train_data = _place(layout, train_data)
+    run = _Runner(step, shardings, layout, batch_size, unroll=not scan)
 
-    state = init_state(task, optimizer, jax.random.PRNGKey(seed), params)
     history: list[dict[str, float]] = []
     pending: list[Metrics] = []
     restored = checkpoints.load(state) if checkpoints is not None else None
@@ -347,14 +382,16 @@ def fit(
     note = dict(hyperparams) if hyperparams and restored is not None else None
     if hyperparams:
         state = state._replace(opt_state=set_hyperparams(state.opt_state, **hyperparams))
-    one_by_one = not scan
     best: tuple[float, TrainState | None, int] = (np.inf, None, len(history))
-    bar = progress_bar(progress, epochs, initial=len(history))
+    bar = progress_bar(progress and jax.process_index() == 0, epochs, initial=len(history))
     done = int(state.step)
     for length in chunks(done, total, steps_per_epoch, checkpoints and checkpoints.every):
-        for k in [1] * length if one_by_one else [length]:  # async dispatch: no host sync
-            state, metrics = run(step, state, train_data, batch_size, k, None, one_by_one)
-            pending.append(metrics)
+        if feed == "host":
+            state = run.from_host(state, train_data, done, length, pending)
+        else:  # async dispatch: no host sync
+            for k in [length] if scan else [1] * length:
+                state, metrics = run(state, train_data, k)
+                pending.append(metrics)
         done += length
         if done % steps_per_epoch == 0:
             per_step = _host(pending)
@@ -374,10 +411,90 @@ def fit(
             pending = [_host(pending)] if pending else []  # saved with the state
             checkpoints.save(state, history, pending[0] if pending else None)
         if patience is not None and len(history) - best[2] >= patience:
-            bar.close()
-            return _result(best[1] or state, history, stopped_early=True)
+            break
     bar.close()
-    return _result(best[1] if best[1] is not None else state, history)
+    if checkpoints is not None:
+        checkpoints.wait()  # the last checkpoint is written and verified when fit returns
+    stopped = patience is not None and len(history) - best[2] >= patience
+    return _result(best[1] if best[1] is not None else state, history, stopped_early=stopped)
+
+
+def init_state_on(
+    layout: Layout | None,
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    params: Params = None,
+) -> tuple[TrainState, Any]:
+    """[`init_state`][wdjax.lab.train.init_state] created where `layout` says, by
+    `jit(init, out_shardings=...)`: no leaf is ever whole on one device. Returns the
+    state and its shardings (None without a layout)."""
+    if layout is None:
+        return init_state(model, optimizer, key, params), None
+    abstract = jax.eval_shape(functools.partial(init_state, model, optimizer), key, params)
+    shardings = layout.shardings(abstract, abstract.params)
+    if params is not None:
+        params = layout.put(params, layout.params(params))
+    init = jax.jit(functools.partial(init_state, model, optimizer), out_shardings=shardings)
+    return init(key, params), shardings
+
+
+def _place(layout: Layout | None, data: Batch) -> Batch:
+    """Data on the device (without a layout) or replicated over the layout's mesh."""
+    if layout is None:
+        return jax.tree.map(jnp.asarray, data)
+    return layout.put(data, layout.replicated(data))
+
+
+class _Runner:
+    """The jitted stretches of `fit`: `run(state, data, length)` scans `length` steps
+    over device-resident data; `from_host` feeds host rows one step at a time. With a
+    layout, each is jitted with its shardings (state in and out, replicated data and
+    metrics, split batches) and donates the state."""
+
+    def __init__(
+        self, step: Callable, shardings: Any, layout: Layout | None, batch_size: int, unroll: bool
+    ) -> None:
+        self.step, self.layout, self.batch_size, self.unroll = step, layout, batch_size, unroll
+        self.kwargs: dict[str, Any] = {"donate_argnums": 0}
+        if layout is not None:
+            self.kwargs["out_shardings"] = (shardings, layout.replicated())
+        self.shardings = shardings
+        self._jitted: dict[Any, Callable] = {}
+
+    def _jit(self, key: Any, fn: Callable, data_sharding: Any) -> Callable:
+        if key not in self._jitted:
+            kwargs = dict(self.kwargs)
+            if self.layout is not None:
+                kwargs["in_shardings"] = (self.shardings, data_sharding)
+            self._jitted[key] = jax.jit(fn, **kwargs)
+        return self._jitted[key]
+
+    def __call__(self, state: TrainState, data: Batch, length: int) -> tuple[TrainState, Metrics]:
+        def stretch(state: TrainState, data: Batch) -> tuple[TrainState, Metrics]:
+            return run_steps(self.step, state, data, self.batch_size, length, None, self.unroll)
+
+        rep = None if self.layout is None else self.layout.replicated(data)
+        return self._jit(("scan", length), stretch, rep)(state, data)
+
+    def from_host(
+        self, state: TrainState, data: Batch, start: int, length: int, pending: list
+    ) -> TrainState:
+        """`length` steps from step `start`, each on a batch this process reads from
+        host `data` (only its rows); each step's metrics are appended to `pending`."""
+        n = jax.tree.leaves(data)[0].shape[0]
+        per_epoch = n // self.batch_size
+        rng = np.asarray(jax.device_get(state.rng))
+        idx = np.asarray(epoch_batches(jnp.asarray(rng), start // per_epoch, n, self.batch_size))
+        layout = self.layout
+        rows = slice(None) if layout is None else layout.local_rows(self.batch_size)
+        one = self._jit("step", self.step, None if layout is None else layout.batch())
+        for s in range(start, start + length):
+            local = jax.tree.map(lambda a, i=idx[s % per_epoch][rows]: np.asarray(a[i]), data)
+            batch = jax.device_put(local) if layout is None else layout.feed(local, self.batch_size)
+            state, metrics = one(state, batch)
+            pending.append(metrics)
+        return state
 
 
 def _host(pending: list[Metrics]) -> dict[str, list]:
