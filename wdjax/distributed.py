@@ -87,6 +87,36 @@ def make_mesh(
     return jax.make_mesh(tuple(shape.values()), tuple(shape), auto, devices=devices)
 
 
+def put(tree: Any, shardings: Any) -> Any:
+    """Host or device arrays onto `shardings` (a pytree of them, or a prefix), from
+    every process's full copy (`jax.make_array_from_process_local_data` under several
+    processes)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(
+        lambda s, x: jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(s, np.asarray(a)), x
+        ),
+        shardings,
+        tree,
+        is_leaf=lambda s: isinstance(s, jax.sharding.Sharding),
+    )
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """`tree`'s arrays replicated over every device of `mesh`."""
+    return put(tree, NamedSharding(mesh, P()))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh of the first `NamedSharding`-placed leaf of `tree`, or None."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
 def _map_paths(fn: Any, tree: Any) -> Any:
     """`fn(path, leaf)` over the leaves of `tree`; absent parameters (None,
     `optax.MaskedNode`) stay what they are."""
@@ -213,25 +243,10 @@ class Layout:
             return batch
         return jax.lax.with_sharding_constraint(batch, self.batch(batch))
 
-    def cast(self, tree: Any) -> Any:
-        """Floating-point leaves of `tree` in `compute_dtype` (unchanged without one)."""
-        if self.compute_dtype is None:
-            return tree
-        floating = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
-        return jax.tree.map(lambda x: x.astype(self.compute_dtype) if floating(x) else x, tree)
-
     # -------------------------------------------------------------- placement
     def put(self, tree: Any, shardings: Any) -> Any:
-        """Host or device arrays onto `shardings`, from every process's full copy."""
-        return jax.tree.map(
-            lambda x, s: (
-                jax.make_array_from_process_local_data(s, np.asarray(x))
-                if jax.process_count() > 1
-                else jax.device_put(x, s)
-            ),
-            tree,
-            shardings,
-        )
+        """[`put`][wdjax.distributed.put]: arrays onto `shardings` of this layout."""
+        return put(tree, shardings)
 
     def local_rows(self, batch_size: int) -> slice:
         """The rows of a global batch this process feeds (its devices' slice)."""

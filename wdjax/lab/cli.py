@@ -9,6 +9,7 @@ import argparse
 import ast
 import inspect
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wdjax import masks, optimizers, penalties, transforms
+from wdjax import distributed, masks, optimizers, penalties, transforms
 from wdjax.lab import checkpoint, data, models, report, train
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
@@ -100,6 +101,70 @@ def parse_mask(words: Sequence[str]) -> Any:
     if any(w in MASKS for w in words):
         raise UsageError(f"--mask takes one of {', '.join(MASKS)} alone, or glob patterns")
     return masks.match(*words)
+
+
+def _mesh(text: str) -> str:
+    try:
+        distributed.parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _scale_options(p: argparse.ArgumentParser, sweep: bool) -> None:
+    g = p.add_argument_group("scale-out")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (one process per host; automatic on "
+        "a multi-host TPU slice)",
+    )
+    g.add_argument(
+        "--mesh",
+        type=_mesh,
+        help="device mesh, axis=size with -1 for the rest: "
+        + ("members=-1 or members=-1,data=2" if sweep else "data=-1 or data=-1,fsdp=4")
+        + " (default: one device; required with several processes)",
+    )
+    g.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the forward and backward pass; params and optimizer state stay float32",
+    )
+    if not sweep:
+        g.add_argument(
+            "--fsdp-min-bytes",
+            type=_number(int),
+            default=4 * 2**20,
+            help="params at least this large are split over the fsdp axis",
+        )
+
+
+def _layout(args: argparse.Namespace) -> distributed.Layout | None:
+    if args.mesh is None:
+        if args.compute_dtype != "float32":
+            return distributed.Layout(
+                distributed.make_mesh("data=1", jax.devices()[:1]),
+                compute_dtype=args.compute_dtype,
+            )
+        return None
+    options = {"fsdp_min_bytes": args.fsdp_min_bytes} if hasattr(args, "fsdp_min_bytes") else {}
+    compute = None if args.compute_dtype == "float32" else args.compute_dtype
+    return distributed.Layout(distributed.make_mesh(args.mesh), compute_dtype=compute, **options)
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize()` with `--distributed`, or on a multi-host TPU
+    slice (several `TPU_WORKER_HOSTNAMES`), before JAX touches a device."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if getattr(args, "distributed", False) or "," in hosts:
+        jax.distributed.initialize()
+
+
+def _writer() -> bool:
+    """Only process 0 writes files and prints reports."""
+    return jax.process_index() == 0
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -201,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         _data_options(p)
         if training:
             _optim_options(p, sweep=name == "sweep")
+            _scale_options(p, sweep=name == "sweep")
             p.add_argument("--out", default=f"runs/{name}", help="output directory")
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
         return p
@@ -212,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=_count, help="early stopping on the validation loss")
     t.add_argument("--checkpoint-every", type=_count, help="checkpoint interval in steps")
     t.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    t.add_argument(
+        "--checkpoint-dir",
+        help="where checkpoints go: a path or a URL such as gs://bucket/run (default: "
+        "OUT/checkpoints)",
+    )
     t.add_argument(
         "--new-hyperparams",
         action="store_true",
@@ -274,10 +345,12 @@ def _penalties(args: argparse.Namespace, mask: Any) -> list[penalties.Penalty]:
     return out
 
 
-def _out_dir(path: str) -> tuple[pathlib.Path, checkpoint.DirectoryLock]:
+def _out_dir(path: str) -> tuple[pathlib.Path, checkpoint.DirectoryLock | None]:
     """Create and lock the output directory before any training, so a bad path or a
-    second run into it fails first."""
+    second run into it fails first (process 0 only: the others write nothing)."""
     out = pathlib.Path(path)
+    if not _writer():
+        return out, None
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +361,10 @@ def _out_dir(path: str) -> tuple[pathlib.Path, checkpoint.DirectoryLock]:
 
 
 # Options that do not change what a run computes: they may differ on --resume.
-_NOT_COMPUTATION = ("out", "resume", "no_progress", "epochs", "new_hyperparams", "debug")
+_NOT_COMPUTATION = (
+    "out", "resume", "no_progress", "epochs", "new_hyperparams", "debug",
+    "distributed", "mesh", "fsdp_min_bytes", "checkpoint_dir",  # a resume may change the layout
+)  # fmt: skip
 _HYPERPARAMS = {"lr": "learning_rate", "weight_decay": "weight_decay", "l1": "l1"}
 
 
@@ -331,7 +407,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         return _sweep(args, out, sweep)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _sweep(args: argparse.Namespace, out: pathlib.Path, sweep: Any) -> int:
@@ -343,8 +420,10 @@ def _sweep(args: argparse.Namespace, out: pathlib.Path, sweep: Any) -> int:
         learning_rate=args.lr, l1=args.l1, seeds=args.seeds, folds=args.folds,
         fold_seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
         penalties=_penalties(args, mask), mask=mask, select=args.select, metric=args.metric,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
+        chunk_size=args.chunk_size, progress=not args.no_progress, layout=_layout(args),
     )  # fmt: skip
+    if not _writer():
+        return 0
     result.to_json(out / "sweep.json")
     print(result.table())
     _plot(lambda result, path: result.plot(path), result, out / "sweep.png")
@@ -390,12 +469,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         return _train(args, out)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _saved(ckpt_dir: str | pathlib.Path) -> bool:
+    """Whether `ckpt_dir` (a local path; a URL is asked to orbax) holds checkpoints."""
+    if "://" in str(ckpt_dir):
+        import orbax.checkpoint as ocp
+
+        return bool(ocp.CheckpointManager(ckpt_dir).all_steps())
+    ckpt_dir = pathlib.Path(ckpt_dir)
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
 
 def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
-    ckpt_dir = out / "checkpoints"
-    saved = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    ckpt_dir = args.checkpoint_dir or out / "checkpoints"
+    saved = _saved(ckpt_dir)
     if saved and not args.resume:
         raise UsageError(
             f"{ckpt_dir} already holds checkpoints: pass --resume, or choose another --out"
@@ -409,7 +499,9 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     if args.resume:
         stored = json.loads(config_file.read_text()) if config_file.exists() else None
         changes = _resume_changes(args, stored)
-    report.write_json(_run_config(args), config_file)
+    layout = _layout(args)
+    if _writer():
+        report.write_json(_run_config(args), config_file)
     ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
     model = _model(args, ds)
     mask = parse_mask(args.mask)
@@ -427,18 +519,23 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     ckpt = None
     if args.checkpoint_every:
         ckpt = checkpoint.Checkpointer(ckpt_dir, args.checkpoint_every, config=_run_config(args))
-    print(
-        f"{ds.summary()}; {args.model} with {table.total:,} parameters, {table.decayed:,} decayed"
-    )
+    where = "" if layout is None else f"; {layout.describe()}"
+    if _writer():
+        print(
+            f"{ds.summary()}; {args.model} with {table.total:,} parameters, "
+            f"{table.decayed:,} decayed{where}"
+        )
     try:
         result = train.fit(
             model, opt, ds, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
             penalties=loss_terms, mask=mask, patience=args.patience, checkpoints=ckpt,
-            progress=not args.no_progress, hyperparams=changes or None,
+            progress=not args.no_progress, hyperparams=changes or None, layout=layout,
         )  # fmt: skip
     finally:
         if ckpt is not None:
             ckpt.close()
+    if not _writer():
+        return 0
     state = result.state
     splits = {
         name: train.evaluate(model, state.params, state.model_state, ds.arrays(name))
@@ -458,6 +555,8 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
         "penalties_in_loss": in_loss,
         "decay": decay,
         "parameters": {"total": table.total, "decayed": table.decayed},
+        "layout": where.removeprefix("; ") or "one device",
+        "processes": jax.process_count(),
     }
     report.write_json(summary, out / "summary.json")
     report.write_jsonl(result.history, out / "metrics.jsonl")
@@ -526,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_background_errors()
     try:
         args = parser.parse_args(argv)
+        _start_distributed(args)
         return args.run(args)
     except KeyboardInterrupt:
         print("wdjax: interrupted", file=sys.stderr)

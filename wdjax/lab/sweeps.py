@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,8 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from wdjax import masks, optimizers
+from wdjax.distributed import Layout
 from wdjax.groups import check_rate
 from wdjax.lab import data as data_lib
 from wdjax.lab import models, report, tasks
@@ -127,19 +130,26 @@ def _program(
     batch_size: int,
     penalties: tuple[Penalty, ...],
     mask: Mask,
+    layout: Layout | None = None,
 ) -> tuple[Callable, Callable]:
     """The train step and the jitted epoch of a chunk of members; cached, so sweeps of
-    the same structure compile once."""
-    step = make_train_step(task, opt, penalties=penalties, mask=mask)
+    the same structure compile once. With a layout, members are split over its
+    `members` axis (the vmap's `spmd_axis_name`) and each member's batches over its
+    data axes; every output stays split by member."""
+    step = make_train_step(task, opt, penalties=penalties, mask=mask, layout=layout)
+    spmd = "members" if layout is not None and layout.size("members") > 1 else None
 
     def epoch(
         state: TrainState, train: Batch, rows: Any, val: Batch, held: Any, length: int
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         """`length` steps of every member, then its epoch metrics and validation."""
-        member = jax.vmap(lambda s, r: run_steps(step, s, train, batch_size, length, r))
+        member = jax.vmap(
+            lambda s, r: run_steps(step, s, train, batch_size, length, r), spmd_axis_name=spmd
+        )
         state, m = member(state, rows)
         score = jax.vmap(
-            lambda s, r: tasks.evaluate(task, s.params, s.model_state, val, r, batch_size)
+            lambda s, r: tasks.evaluate(task, s.params, s.model_state, val, r, batch_size),
+            spmd_axis_name=spmd,
         )
         scores = score(state, held)
         means = {k: v.mean(1) for k, v in m.items() if k not in LAST}
@@ -147,7 +157,8 @@ def _program(
             f"val_{k}": v for k, v in scores.items()
         }
 
-    return step, jax.jit(epoch, static_argnums=5, donate_argnums=0)
+    out = {} if layout is None else {"out_shardings": layout.members()}
+    return step, jax.jit(epoch, static_argnums=5, donate_argnums=0, **out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +223,7 @@ def _train(
     batch_size: int,
     chunk_size: int,
     progress: bool,
+    layout: Layout | None,
 ) -> tuple[dict[str, np.ndarray], Any, Any]:
     """Train members `i = (hyper[h][i], seeds[i], folds[i])` in chunks; return per-epoch
     metrics `(members, epochs)` and the final params and model_state stacked over members."""
@@ -219,8 +231,15 @@ def _train(
     steps_per_epoch = d.n_train // batch_size
     n = len(seeds)
     n_chunks = -(-n // chunk_size)
-    bar = report.progress_bar(progress, n_chunks * epochs, initial=0)
+    bar = report.progress_bar(progress and jax.process_index() == 0, n_chunks * epochs, initial=0)
     history, finals = [], []
+
+    def place(tree: Any, where: str) -> Any:
+        if layout is None or tree is None:
+            return tree
+        return layout.put(tree, getattr(layout, where)(tree))
+
+    train, val = place(d.train, "replicated"), place(d.val, "replicated")
     for c in range(n_chunks):
         members = np.minimum(np.arange(c * chunk_size, (c + 1) * chunk_size), n - 1)
         real = min(chunk_size, n - c * chunk_size)
@@ -228,21 +247,52 @@ def _train(
         opt_state = set_hyperparams(state.opt_state, **{h: v[members] for h, v in hyper.items()})
         state = state._replace(opt_state=opt_state)
         rows, held = d.member_rows(folds[members])
+        state, rows, held = (place(t, "members") for t in (state, rows, held))
         records = []
         for length in chunks(0, epochs * steps_per_epoch, steps_per_epoch, None):
-            state, record = run_epoch(state, d.train, rows, d.val, held, length)
-            records.append({k: v[:real] for k, v in jax.device_get(record).items()})
+            state, record = run_epoch(state, train, rows, val, held, length)
+            records.append({k: v[:real] for k, v in _gather(record).items()})
             bar.update(1)
             bar.set_postfix(
                 chunk=f"{c + 1}/{n_chunks}", val_loss=f"{records[-1]['val_loss'].mean():.3f}"
             )
         history.append({k: np.stack([r[k] for r in records], axis=1) for k in records[0]})
         finals.append(
-            jax.tree.map(lambda a, r=real: np.asarray(a[:r]), (state.params, state.model_state))
+            jax.tree.map(lambda a, r=real: a[:r], _gather((state.params, state.model_state)))
         )
     bar.close()
     params, model_state = jax.tree.map(lambda *a: np.concatenate(a), *finals)
     return {k: np.concatenate([h[k] for h in history]) for k in history[0]}, params, model_state
+
+
+def _warn_if_decay_underflows(params: Any, history: dict, layout: Layout | None) -> None:
+    """Warn when a member's per-step decay factor `c·λ` was below half an ulp of the
+    lowest-precision float params, where `w·(1 − c·λ)` rounds back to `w`."""
+    dtypes = [x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not dtypes or "decay_factor" not in history:
+        return
+    if layout is not None and layout.compute_dtype is not None:
+        return  # float32 master params
+    low = min(dtypes, key=lambda t: jnp.finfo(t).bits)
+    half_ulp = float(jnp.finfo(low).eps) / 2
+    factors = np.asarray(history["decay_factor"][:, -1], np.float64)
+    under = np.flatnonzero((factors > 0) & (factors < half_ulp))
+    if under.size:
+        warnings.warn(
+            f"{under.size} sweep member(s) (first: member {int(under[0])}) decay by c·λ = "
+            f"{factors[under[0]]:.3g} per step, below the resolution of {low} (eps/2 = "
+            f"{half_ulp:.3g}): w·(1 − c·λ) rounds to w and their decay does nothing; keep "
+            "float32 master weights (Layout(compute_dtype=...)) or raise λ",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _gather(tree: Any) -> Any:
+    """Host NumPy copies of (possibly member-sharded, multi-process) arrays."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _grid(
@@ -285,6 +335,7 @@ def sweep(
     maximize: bool | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    layout: Layout | None = None,
 ) -> SweepResult:
     """Train every member of the grid `weight_decay × learning_rate × l1 × hyperparams ×
     seeds (× folds)` together, and choose a setting.
@@ -304,7 +355,13 @@ def sweep(
     has one, else `loss`), maximized or minimized (default: maximize names ending in
     `accuracy`), by `select` (see [`wdjax.lab.selection.select_setting`][]).
     `chunk_size`: members trained at once (default: as many as fit
-    [`wdjax.lab.memory.memory_budget`][])."""
+    [`wdjax.lab.memory.memory_budget`][]).
+
+    `layout` (a [`wdjax.distributed.Layout`][] over a `members` axis, and optionally a
+    `data` axis): members are split over `members` (no collectives between them),
+    each member's batches over `data`. `chunk_size` is then per device along
+    `members`, and the last chunk is padded to a multiple of that axis. Under several
+    processes every process calls `sweep` alike and gets all results."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if epochs < 1 or not seeds or (chunk_size is not None and chunk_size < 1):
@@ -338,7 +395,12 @@ def sweep(
 
     d = _Data.of(ds, folds, fold_seed, stratified)
     batch_size = min(batch_size, d.n_train)
-    step, run_epoch = _cached(_program, task, opt, batch_size, tuple(penalties), mask)
+    if layout is not None and batch_size % layout.data_size:
+        raise ValueError(
+            f"batch size {batch_size} does not split over the layout's {layout.data_size} "
+            f"data-parallel devices: use a multiple of {layout.data_size}"
+        )
+    step, run_epoch = _cached(_program, task, opt, batch_size, tuple(penalties), mask, layout)
     state = jax.eval_shape(lambda: init_state(task, opt, jax.random.PRNGKey(0)))
     missing = set(grid) - _injected(state.opt_state)
     if missing:
@@ -367,11 +429,14 @@ def sweep(
             lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype), d.train
         )
         chunk_size = memory_budget() // member_bytes(step, state, batch)
-    chunk_size = max(1, min(chunk_size, len(runs)))
+    width = 1 if layout is None else layout.size("members")  # chunk_size is per device
+    chunk_size = width * max(1, min(chunk_size, -(-len(runs) // width)))
     history, params, model_state = _train(
         task, opt, run_epoch, d, hyper, seed_of.astype(np.int32), fold_of,
         epochs=epochs, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
+        layout=layout,
     )  # fmt: skip
+    _warn_if_decay_underflows(state.params, history, layout)
 
     final = {k: v[:, -1] for k, v in history.items()}
     members = [
@@ -404,6 +469,7 @@ def sweep(
         "metric": metric,
         "maximize": maximize,
         "chunk_size": chunk_size,
+        "layout": None if layout is None else layout.describe(),
         "members": len(runs),
         "runs_per_setting": len(runs) // len(settings),
     }

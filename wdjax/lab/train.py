@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wdjax import masks
+from wdjax import distributed, masks
 from wdjax.distributed import Layout
 from wdjax.lab import tasks
 from wdjax.lab.report import progress_bar
@@ -256,7 +256,8 @@ def evaluate(
     short for `data={"x": x, "y": y}`."""
     if y is not None:
         data = {"x": data, "y": y}
-    data = jax.tree.map(jnp.asarray, data)
+    mesh = distributed.mesh_of(params)  # sharded params: the data joins their mesh
+    data = jax.tree.map(jnp.asarray, data) if mesh is None else distributed.replicate(data, mesh)
     out = _evaluate(as_task(model), params, model_state, data, batch_size=batch_size)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
