@@ -282,3 +282,27 @@ def float_arrays(
         st.lists(st.floats(-scale, scale, allow_nan=False, width=32), min_size=size, max_size=size)
     )
     return np.asarray(values, np.float32).reshape(shape)
+
+
+# ------------------------------------------------------------------ scale-out runs
+
+
+def scale_run() -> dict[str, Any]:
+    """The run of the scale-out tests (in-process and in tests/scale_worker.py): the
+    reference MLP on digits with ``wdjax.adamw`` + per-group rates + an L1 step, then
+    ``max_norm``; 19 steps an epoch."""
+    import wdjax
+    from wdjax.lab import data, models
+
+    digits = data.load("digits")
+    model = models.create("mlp", input_shape=digits.input_shape, widths=(64, 32))
+    rates = wdjax.rates({"*/kernel": 1e-2}, default=1e-3)
+    optimizer = optax.chain(
+        wdjax.adamw(3e-3, rates, mask=masks.ALL, l1=1e-4), wdjax.max_norm(2.0, "*/kernel")
+    )
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "data": digits,
+        "kwargs": {"batch_size": 64, "progress": False, "seed": 3},
+    }

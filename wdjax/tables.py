@@ -16,13 +16,15 @@ from wdjax.types import Mask, Params, Rate
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One leaf: its path, shape, dtype, size and rate."""
+    """One leaf: its path, shape, dtype, size, rate and, for an array placed by a
+    `NamedSharding`, its PartitionSpec."""
 
     path: str
     shape: tuple[int, ...]
     dtype: str
     size: int
     rate: float | None  # None: not regularized
+    sharding: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +43,11 @@ class Table:
         return sum(r.size for r in self.rows)
 
     def __str__(self) -> str:
-        head = ("path", "shape", "dtype", "size", "rate")
+        sharded = any(r.sharding is not None for r in self.rows)
+        head = ("path", "shape", "dtype", "size", "rate") + (("sharding",) if sharded else ())
         body = [
             (r.path, str(r.shape), r.dtype, f"{r.size:,}", "-" if r.rate is None else f"{r.rate:g}")
+            + ((r.sharding or "-",) if sharded else ())
             for r in self.rows
         ]
         widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
@@ -59,6 +63,11 @@ class Table:
         return "\n".join(lines)
 
 
+def _spec(leaf: object) -> str | None:
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    return None if spec is None else str(spec)
+
+
 def describe(
     params: Params,
     mask: Mask | RateMap = None,
@@ -66,7 +75,8 @@ def describe(
     *,
     file: TextIO | Literal["stdout"] | None = "stdout",
 ) -> Table:
-    """Tabulate every leaf's path, shape, dtype, size and rate, print it to `file`
+    """Tabulate every leaf's path, shape, dtype, size, rate (and PartitionSpec, for
+    sharded params), print it to `file`
     (`"stdout"`: `sys.stdout` when called, so redirection works; `None`: don't
     print) and return it. `mask` may also be a [`RateMap`][wdjax.groups.RateMap], which then gives
     the rates: `describe(params, rates({...}))`."""
@@ -80,6 +90,7 @@ def describe(
             str(getattr(x, "dtype", type(x).__name__)),
             int(np.size(x)) if hasattr(x, "shape") else 0,
             None if r is None else float(r),
+            _spec(x),
         )
         for (p, x), r in zip(leaves_with_paths(params), per_leaf, strict=True)
     )

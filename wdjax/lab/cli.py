@@ -111,13 +111,32 @@ def _mesh(text: str) -> str:
     return text
 
 
+def _cluster(text: str) -> str | tuple[str, int, int]:
+    """`auto`, or `HOST:PORT,PROCESSES,ID` for `jax.distributed.initialize`."""
+    if text == "auto":
+        return text
+    parts = text.split(",")
+    try:
+        address, processes, index = parts[0], int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected auto or HOST:PORT,PROCESSES,ID, got {text!r}"
+        ) from None
+    if len(parts) != 3 or ":" not in address or not 0 <= index < processes:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT,PROCESSES,ID, got {text!r}")
+    return address, processes, index
+
+
 def _scale_options(p: argparse.ArgumentParser, sweep: bool) -> None:
     g = p.add_argument_group("scale-out")
     g.add_argument(
         "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() first (one process per host; automatic on "
-        "a multi-host TPU slice)",
+        nargs="?",
+        const="auto",
+        type=_cluster,
+        metavar="HOST:PORT,PROCESSES,ID",
+        help="call jax.distributed.initialize() first: one process per host, found by JAX "
+        "(TPU slices, SLURM...; automatic on a multi-host TPU slice) or given",
     )
     g.add_argument(
         "--mesh",
@@ -157,9 +176,11 @@ def _layout(args: argparse.Namespace) -> distributed.Layout | None:
 def _start_distributed(args: argparse.Namespace) -> None:
     """`jax.distributed.initialize()` with `--distributed`, or on a multi-host TPU
     slice (several `TPU_WORKER_HOSTNAMES`), before JAX touches a device."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if getattr(args, "distributed", False) or "," in hosts:
-        jax.distributed.initialize()
+    given = getattr(args, "distributed", None)
+    if given is None and "," not in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk
+    jax.distributed.initialize(*(() if given in (None, "auto") else given))
 
 
 def _writer() -> bool:

@@ -213,7 +213,8 @@ class Model:
     ) -> tuple[jax.Array, ModelState]:
         """float32 logits for a batch `x` of shape `(batch, *input_shape)`, and the new
         model_state (batch stats updated only when `train`). `rng` drives dropout and is
-        required when `train` and dropout > 0."""
+        required when `train` and dropout > 0. The layers compute in the params' dtype
+        (bfloat16 params: a bfloat16 forward pass; see [`wdjax.lab.tasks.in_dtype`][])."""
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"{self.name} expects inputs of shape (batch, *{self.input_shape}), got {x.shape}"
@@ -227,7 +228,8 @@ class Model:
             _to_state(self._model_state, model_state, "model_state"),
         )
         rngs = nnx.Rngs(dropout=rng) if rng is not None else None
-        logits = module(jnp.asarray(x, jnp.float32), train=train, rngs=rngs)
+        dtype = jnp.result_type(*jax.tree.leaves(params), jnp.float16)  # at least 16 bits
+        logits = module(jnp.asarray(x, dtype), train=train, rngs=rngs)
         if train:
             _, _, new_state = nnx.split(module, nnx.Param, ...)
             model_state = nnx.to_pure_dict(new_state)

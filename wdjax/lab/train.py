@@ -157,8 +157,13 @@ def make_train_step(
     Metrics: `loss` (data loss), the task's metrics (`accuracy`), each penalty by
     name, `grad_norm`, weight norms (global and for the `mask`'s decayed / other
     groups), `zero_fraction`, `learning_rate` and `weight_decay` (NaN if the
-    optimizer does not inject them) and `skipped`."""
+    optimizer does not inject them) and `skipped`.
+
+    `layout`: each batch is constrained to its data-parallel sharding, and the loss is
+    computed in its `compute_dtype` (see [`wdjax.distributed.Layout`][])."""
     task = as_task(model)
+    if layout is not None and layout.compute_dtype is not None:
+        task = tasks.in_dtype(task, layout.compute_dtype)
     objective = regularized(task.loss, *penalties, has_aux=True)
 
     def apply(operand: tuple) -> tuple:
