@@ -313,6 +313,20 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self._path} verifies ({'; '.join(failures)})")
         return None
 
+    def stored_config(self) -> dict | None:
+        """The run configuration stored with the newest readable checkpoint (None if
+        there is none): what a resume on another machine compares its options with."""
+        ocp = _ocp()
+        for step in self.steps():
+            try:
+                args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+                meta = self._manager.restore(step, args=args)["meta"]
+            except Exception:  # noqa: BLE001, S112 - unreadable: try the next older one
+                continue
+            if isinstance(meta, dict) and meta.get("format") == FORMAT:
+                return meta.get("config")
+        return None
+
     def restore(self, like: Any, history: list[dict]) -> tuple[Any, list[dict]]:
         """The newest verified state and its history, or `(like, history)` if none."""
         found = self.load(like)

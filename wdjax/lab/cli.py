@@ -399,7 +399,9 @@ def _resume_changes(args: argparse.Namespace, stored: dict | None) -> dict[str, 
     """Compare this run's options with the stored run's. Returns the hyperparameters
     to set (with `--new-hyperparams`); any other difference is an error listing them."""
     if stored is None:
-        raise UsageError(f"--resume: {args.out} holds no config.json of a wdjax train run")
+        raise UsageError(
+            f"--resume: neither {args.out} nor its checkpoints hold the config of a wdjax train run"
+        )
     now = _run_config(args)
     diffs = {k: (stored.get(k), v) for k, v in now.items() if stored.get(k) != v}
     listed = ", ".join(f"--{k.replace('_', '-')} {a} → {b}" for k, (a, b) in diffs.items())
@@ -518,7 +520,11 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     config_file = out / "config.json"
     changes: dict[str, float] = {}
     if args.resume:
-        stored = json.loads(config_file.read_text()) if config_file.exists() else None
+        if config_file.exists():
+            stored = json.loads(config_file.read_text())
+        else:  # a resume elsewhere (another slice): the checkpoint holds the config too
+            with checkpoint.Checkpointer(ckpt_dir, args.checkpoint_every) as found:
+                stored = found.stored_config()
         changes = _resume_changes(args, stored)
     layout = _layout(args)
     if _writer():
