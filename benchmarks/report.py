@@ -25,6 +25,7 @@ SECTIONS = {
     "compile": "benchmarks.bench_compile",
     "cnn": "benchmarks.bench_cnn",
     "checkpoint": "benchmarks.bench_checkpoint",
+    "scale": "benchmarks.bench_scale",
 }
 SUMMARY_HEAD = ["benchmark", "measured", "target", "met"]
 

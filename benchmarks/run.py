@@ -21,7 +21,10 @@ summary table and its section of RESULTS.md; ``report.py`` assembles them):
    in-place copy;
 4. ``sweep`` (``sweep_vs_sequential.py``): ``wdjax.sweep`` vs the same runs one by one;
 5. ``compile`` (``bench_compile.py``): compile time, recompilations when λ or η change;
-6. ``cnn`` (``bench_cnn.py``): where the CNN's time goes on XLA:CPU.
+6. ``cnn`` (``bench_cnn.py``): where the CNN's time goes on XLA:CPU;
+7. ``checkpoint`` (``bench_checkpoint.py``): what verified saves and restores cost;
+8. ``scale`` (``bench_scale.py``): the layout path on one device, member-sharded sweeps on
+   8 simulated devices, async vs sync checkpoint stalls (in a child process).
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ class Config:
     cnn_scan_length: int = 4
     checkpoint_params: int = 10_000_000
     checkpoint_rounds: int = 5
+    scale_rounds: int = 15
+    scale_scan: int = 19
+    scale_ckpt_params: int = 10_000_000
+    scale_ckpt_steps: int = 40
+    scale_ckpt_every: int = 10
 
     def bandwidth_number(self, n: int) -> int:
         """Calls per timed sample for ``n`` parameters: about 20M parameters in all, 1 to 20."""
@@ -96,6 +104,11 @@ def quick() -> Config:
         cnn_scan_length=2,
         checkpoint_params=1 << 16,
         checkpoint_rounds=2,
+        scale_rounds=3,
+        scale_scan=2,
+        scale_ckpt_params=1 << 16,
+        scale_ckpt_steps=4,
+        scale_ckpt_every=2,
     )
 
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 
 import chex
@@ -286,24 +287,33 @@ def test_checkpoint_urls_are_kept_as_given(url, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_saves_do_not_block_training(run, tmp_path, monkeypatch, asynchronous):
-    """Async: the epoch after a save runs before that save's write is waited for; sync:
-    the write and its read-back finish inside `save`."""
-    events = []
-    monkeypatch.setattr(checkpoint, "_fault_hook", lambda point, step: events.append((point, step)))
+    """Async: the write, its read-back and the rotation run in a background thread while
+    training goes on (the hook holds that thread until the next epoch is done, which
+    can only happen if training is not waiting for it); sync: inside `save`."""
+    events, trained_on = [], threading.Event()
+
+    def hook(point: str, step: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            trained_on.wait(timeout=60)
+        events.append((point, step, threading.current_thread() is threading.main_thread()))
+
+    def on_epoch(record: dict, _: dict) -> None:
+        events.append(("epoch", record["step"], True))
+        if record["step"] == 38:
+            trained_on.set()
+
+    monkeypatch.setattr(checkpoint, "_fault_hook", hook)
     ckpt = checkpoint.Checkpointer(tmp_path, every=19, asynchronous=asynchronous)
     with ckpt:
-        _fit(
-            run,
-            epochs=2,
-            checkpoints=ckpt,
-            on_epoch=lambda r, _: events.append(("epoch", r["step"])),
-        )
-    assert ("after_verify", 38) in events  # fit waits for its last checkpoint
-    first_write_done = events.index(("after_write", 19))
+        _fit(run, epochs=2, checkpoints=ckpt, on_epoch=on_epoch)
+    points = [(p, s) for p, s, _ in events]
+    assert ("after_verify", 38) in points  # fit waits for its last checkpoint
+    write_19, epoch_38 = points.index(("after_write", 19)), points.index(("epoch", 38))
+    in_main = {main for p, _, main in events if p.startswith("after_")}
     if asynchronous:
-        assert events.index(("epoch", 38)) < first_write_done
+        assert epoch_38 < write_19 and in_main == {False}
     else:
-        assert first_write_done < events.index(("epoch", 38))
+        assert write_19 < epoch_38 and in_main == {True}
     assert ckpt.steps() == [38, 19]
 
 

@@ -20,6 +20,7 @@ change of a single word.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import fcntl
@@ -116,6 +117,9 @@ def _problem(restored: Any, like: Any, sums: list[int]) -> str | None:
     return None
 
 
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wdjax-checkpoint")
+
+
 def _stderr(message: str) -> None:
     print(f"wdjax: {message}", file=sys.stderr)
 
@@ -197,6 +201,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self._path, options=options)
         self._bad: set[int] = set()  # steps found unusable: replaced or deleted by save
         self._writing: tuple[int, Any, list[int]] | None = None  # step, target, checksums
+        self._finishing: concurrent.futures.Future | None = None  # _finish, in the background
 
     @property
     def path(self) -> str | pathlib.Path:
@@ -239,12 +244,21 @@ class Checkpointer:
         self._writing = (step, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), sums)
         if not self.asynchronous:
             self.wait()
+        elif jax.process_count() == 1:  # several processes verify in step, at `wait`
+            self._finishing = _BACKGROUND.submit(self._finish)
 
     def wait(self) -> None:
         """Finish the write in progress, verify it by reading it back, then delete the
-        checkpoints beyond the newest `keep`; `CheckpointError` if it does not verify."""
-        if self._writing is None:
-            return
+        checkpoints beyond the newest `keep`; `CheckpointError` if it does not verify.
+        (In one process, an asynchronous save does this in a background thread: `wait`
+        waits for that thread and raises what it raised.)"""
+        if self._finishing is not None:
+            finishing, self._finishing = self._finishing, None
+            finishing.result()
+        if self._writing is not None:
+            self._finish()
+
+    def _finish(self) -> None:
         (step, like, sums), self._writing = self._writing, None
         self._manager.wait_until_finished()
         _hook("after_write", step)
