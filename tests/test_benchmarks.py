@@ -133,6 +133,17 @@ def test_quick_run(tmp_path):
     for c in ("lax_autodiff", "wdjax_ops"):
         _timing(scan[c])
 
+    sc = b["scale"]
+    assert sc["devices"] == 8  # the child process had the simulated mesh
+    for side, names in (
+        ("layout", ("no_layout", "one_device_layout")),
+        ("sweep", ("one_device", "members_8")),
+    ):
+        for c in names:
+            _timing(sc[side]["contenders"][c])
+    for mode in ("async", "sync"):
+        _timing(sc["checkpoint"]["modes"][mode]["save_step"])
+
     # the report it wrote: the header, the summary and every section with its table
     text = markdown.read_text()
     assert text.startswith("# wdjax benchmarks") and str(tmp_path) in text
@@ -143,7 +154,11 @@ def test_quick_run(tmp_path):
         assert "|---|" in body
 
 
-CHECKPOINT_RUN = "cpu-intel-xeon-2c-2026-11-24-checkpoint.json"
+# benchmarks newer than the cited full run: each renders from its own saved run
+OWN_RUNS = {
+    "checkpoint": "cpu-intel-xeon-2c-2026-11-24-checkpoint.json",
+    "scale": "cpu-intel-xeon-2c-2026-11-24-scale.json",
+}
 
 
 def test_each_section_renders_its_table():
@@ -157,11 +172,12 @@ def test_each_section_renders_its_table():
         "compile": ["model", "function", "trace+lower s", "compile s", "total s"],
         "cnn": ["piece", "implementation", "median ms", "IQR ms", "min ms", "max ms"],
         "checkpoint": ["contender", "median ms", "IQR ms", "min ms", "max ms", "rounds"],
+        "scale": ["saves", "step median ms", "step with a save, median ms", "slowest step ms"],
     }
     assert set(heads) == set(report.SECTIONS)
-    # the checkpoint benchmark is newer than the cited full run: its own saved run
-    with open(os.path.join(report.HERE, "results", CHECKPOINT_RUN)) as f:
-        results["benchmarks"]["checkpoint"] = json.load(f)["benchmarks"]["checkpoint"]
+    for name, file in OWN_RUNS.items():
+        with open(os.path.join(report.HERE, "results", file)) as f:
+            results["benchmarks"][name] = json.load(f)["benchmarks"][name]
     for name, head in heads.items():
         mod = report.section_module(name)
         text = mod.render(results["benchmarks"][name])
