@@ -287,6 +287,16 @@ def float_arrays(
 # ------------------------------------------------------------------ scale-out runs
 
 
+# The sweep of the scale-out tests: 8 members, one per device of the simulated mesh.
+SWEEP_GRID = {
+    "weight_decay": [0.0, 1e-2, 1e-1, 1.0],
+    "learning_rate": [3e-3, 1e-2],
+    "epochs": 1,
+    "batch_size": 64,
+    "progress": False,
+}
+
+
 def scale_run() -> dict[str, Any]:
     """The run of the scale-out tests (in-process and in tests/scale_worker.py): the
     reference MLP on digits with ``wdjax.adamw`` + per-group rates + an L1 step, then

@@ -23,6 +23,8 @@ parser.add_argument("--mesh")
 parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--ckpt")
 parser.add_argument("--cluster")
+parser.add_argument("--feed", default="device")
+parser.add_argument("--sweep", action="store_true")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -36,7 +38,7 @@ if args.cluster:
     jax.distributed.initialize(address, int(processes), int(index))
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import scale_run  # noqa: E402
+from helpers import SWEEP_GRID, scale_run  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from wdjax import distributed  # noqa: E402
@@ -56,11 +58,28 @@ if jax.process_count() > 1:
 layout = None
 if args.mesh:
     layout = distributed.Layout(distributed.make_mesh(args.mesh), fsdp_min_bytes=0)
+
+
+class Rows:
+    """Host training data that counts the rows read from it."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.read, self.shape = array, 0, array.shape
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        self.read += np.size(rows)
+        return self.array[rows]
+
+
+data = DATA
+if args.feed == "host":
+    data = ({k: Rows(v) for k, v in DATA.arrays("train").items()}, DATA.arrays("val"))
 ckpt = checkpoint.Checkpointer(args.ckpt, every=7, keep=3) if args.ckpt else None
 try:
     result = train.fit(
-        MODEL, OPTIMIZER, DATA, epochs=args.epochs, layout=layout, checkpoints=ckpt, **KWARGS
-    )
+        MODEL, OPTIMIZER, data, epochs=args.epochs, layout=layout, checkpoints=ckpt,
+        feed=args.feed, **KWARGS,
+    )  # fmt: skip
 finally:
     if ckpt is not None:
         ckpt.close()
@@ -73,6 +92,13 @@ report |= {
     "params": [x.ravel().tolist() for x in jax.tree.leaves(params)],
     "specs": [str(getattr(x.sharding, "spec", "single")) for x in jax.tree.leaves(result.state)],
     "devices": jax.device_count(),
+    "rows_read": data[0]["x"].read if args.feed == "host" else None,
 }
+if args.sweep:
+    import wdjax
+
+    members = distributed.Layout(distributed.make_mesh("members=-1"))
+    found = wdjax.sweep(DATA, model=MODEL, layout=members, **SWEEP_GRID)
+    report["sweep"] = {"val_loss": found.history["val_loss"].tolist(), "chosen": found.chosen_index}
 with open(args.out, "w") as f:
     json.dump(report, f)

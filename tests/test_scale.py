@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import scale_run
+from helpers import SWEEP_GRID, scale_run
 from jax.sharding import PartitionSpec as P
 from jax.sharding import SingleDeviceSharding
 
@@ -396,18 +396,8 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(run, 
     full = _fit(run, epochs=4, layout=_layout("data=2,fsdp=4"))
     address = f"localhost:{_free_port()}"
     ckpt = tmp_path / "ckpt"
-    procs = [
-        _worker(
-            4,
-            tmp_path / f"p{i}.json",
-            "--mesh",
-            "data=2,fsdp=4",
-            "--ckpt",
-            str(ckpt),
-            cluster=f"{address},2,{i}",
-        )
-        for i in range(2)
-    ]
+    argv = ["--mesh", "data=2,fsdp=4", "--ckpt", str(ckpt), "--feed", "host", "--sweep"]
+    procs = [_worker(4, tmp_path / f"p{i}.json", *argv, cluster=f"{address},2,{i}") for i in (0, 1)]
     _finish(*procs)
     reports = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     for i, r in enumerate(reports):
@@ -415,6 +405,13 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(run, 
         assert "without a layout" in r["guard"] and "make_mesh" in r["guard"]
     assert reports[0]["history"] == reports[1]["history"]
     assert reports[0]["params"] == reports[1]["params"]
+    # each process read only its half of every global batch (57 steps of 64 rows)
+    assert [r["rows_read"] for r in reports] == [57 * 32, 57 * 32]
+    # the member-sharded sweep: results gathered to both, equal to one process's sweep
+    alone = wdjax.sweep(run["data"], model=run["model"], **SWEEP_GRID)
+    for r in reports:
+        np.testing.assert_allclose(r["sweep"]["val_loss"], alone.history["val_loss"], rtol=2e-5)
+        assert r["sweep"]["chosen"] == alone.chosen_index
     _assert_same_run(
         reports[0]["history"], [np.asarray(x) for x in reports[0]["params"]],
         full.history[:3], _params_list(_fit(run, layout=_layout("data=2,fsdp=4")).state.params),
@@ -467,20 +464,29 @@ def test_cli_in_two_processes_writes_from_process_0_only(tmp_path):
     summary = json.loads((tmp_path / "out0" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["layout"].startswith("mesh(data=8)")
     assert len((tmp_path / "out0" / "metrics.jsonl").read_text().splitlines()) == 2
-    # one process, one device, one more epoch from the two processes' checkpoint
+    # one process, one device, one more epoch from the two processes' checkpoint, into a
+    # new --out (as on another machine): the options are checked against the checkpoint's
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     common = [a for a in common if a not in ("--mesh", "data=-1")]
     common[common.index("--epochs") + 1] = "3"
-    argv = [*common, "--out", str(tmp_path / "out0"), "--resume"]
+    argv = [*common, "--out", str(tmp_path / "elsewhere"), "--resume"]
     resumed = subprocess.run(
         [sys.executable, "-m", "wdjax.lab.cli", *argv],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     records = [
-        json.loads(x) for x in (tmp_path / "out0" / "metrics.jsonl").read_text().splitlines()
+        json.loads(x) for x in (tmp_path / "elsewhere" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+    first = [json.loads(x) for x in (tmp_path / "out0" / "metrics.jsonl").read_text().splitlines()]
+    assert records[:2] == first  # the two processes' history, carried by the checkpoint
+    changed = [*argv, "--widths", "16"]  # another model: refused, in one line
+    refused = subprocess.run(
+        [sys.executable, "-m", "wdjax.lab.cli", *changed],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--widths [32] → [16]" in refused.stderr
 
 
 # --------------------------------------------------------------------- sweeps

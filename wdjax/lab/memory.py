@@ -33,8 +33,9 @@ def member_bytes(step: Callable, state: Any, batch: Any) -> int:
 
 def memory_budget() -> int:
     """Bytes for a sweep's members: `DEVICE_MEMORY_FRACTION` of the free memory of
-    `jax.devices()[0]` if it reports `memory_stats()`, else `CPU_MEMORY_BUDGET`."""
-    stats = jax.devices()[0].memory_stats() or {}
+    this process's first device if it reports `memory_stats()`, else
+    `CPU_MEMORY_BUDGET`."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return CPU_MEMORY_BUDGET
     return int(DEVICE_MEMORY_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))

@@ -429,6 +429,8 @@ def sweep(
             lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype), d.train
         )
         chunk_size = memory_budget() // member_bytes(step, state, batch)
+        if jax.process_count() > 1:  # every process must run the same chunks: process 0's
+            chunk_size = int(multihost_utils.broadcast_one_to_all(np.int64(chunk_size)))
     width = 1 if layout is None else layout.size("members")  # chunk_size is per device
     chunk_size = width * max(1, min(chunk_size, -(-len(runs) // width)))
     history, params, model_state = _train(
