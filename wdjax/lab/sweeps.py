@@ -395,6 +395,8 @@ def sweep(
 
     d = _Data.of(ds, folds, fold_seed, stratified)
     batch_size = min(batch_size, d.n_train)
+    if layout is not None and {"fsdp", "model"} & set(layout.mesh.axis_names):
+        raise ValueError("a sweep's layout has members and data axes only (each member whole)")
     if layout is not None and batch_size % layout.data_size:
         raise ValueError(
             f"batch size {batch_size} does not split over the layout's {layout.data_size} "

@@ -354,6 +354,8 @@ def fit(
             "train alone on its own devices: pass layout=wdjax.distributed.Layout("
             "wdjax.distributed.make_mesh('data=-1')) (CLI: --mesh data=-1)"
         )
+    if layout is not None and layout.size("members") > 1:
+        raise ValueError("a layout's members axis is for sweeps; fit uses data, fsdp, model")
     if feed not in ("device", "host"):
         raise ValueError(f"feed must be 'device' or 'host', got {feed!r}")
     task = as_task(model)
