@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from wdjax import distributed, masks, optimizers, penalties, transforms
-from wdjax.lab import checkpoint, data, models, report, train
+from wdjax.hypergradient import Tuner
+from wdjax.lab import checkpoint, data, models, report, train, variants
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
 MASKS = {"default": masks.DEFAULT, "all": masks.ALL, "none": masks.NONE}
@@ -91,6 +92,12 @@ def _assignment(text: str) -> tuple[str, Any]:
 
 
 _rate = _number(float)
+
+
+def _rate_or_auto(text: str) -> float | str:
+    return "auto" if text == "auto" else _rate(text)
+
+
 _count = _number(int, low=1)
 
 
@@ -213,6 +220,18 @@ def _data_options(p: argparse.ArgumentParser) -> None:
         "--data-dir", help="directory with MNIST / Fashion-MNIST files (default: $WDJAX_DATA)"
     )
     g.add_argument("--download", action="store_true", help="download it (checksums verified)")
+    g.add_argument(
+        "--label-noise",
+        type=_number(float, high=1.0, closed=True),
+        default=0.0,
+        help="replace this fraction of the training labels by another class (seeded)",
+    )
+    g.add_argument(
+        "--train-fraction",
+        type=_number(float, high=1.0, closed=True),
+        default=1.0,
+        help="keep this stratified fraction of the training set (seeded)",
+    )
 
 
 def _optim_options(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -228,7 +247,22 @@ def _optim_options(p: argparse.ArgumentParser, sweep: bool) -> None:
         g.add_argument("--lr", type=many, default=[1e-3], help="learning rates")
         g.add_argument("--l1", type=many, help="proximal L1 rates (default: no L1 step)")
     else:
-        g.add_argument("--weight-decay", type=_rate, default=1e-4, help="λ of the optimizer")
+        g.add_argument(
+            "--weight-decay",
+            type=_rate_or_auto,
+            default=1e-4,
+            help="λ of the optimizer, or auto: λ tunes itself by hypergradient steps on "
+            "the validation split (from --auto-decay-init)",
+        )
+        g.add_argument(
+            "--auto-decay-init", type=_rate, default=1e-4, help="starting λ of --weight-decay auto"
+        )
+        g.add_argument(
+            "--auto-decay-lr",
+            type=_number(float, low=1e-12),
+            default=0.05,
+            help="step in log λ per hypergradient step (--weight-decay auto)",
+        )
         g.add_argument("--lr", type=_rate, default=1e-3, help="learning rate η (peak)")
         g.add_argument("--l1", type=_rate, help="proximal L1 rate (default: no L1 step)")
     g.add_argument(
@@ -320,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     m = command("masks", cmd_masks, training=False)
     m.add_argument("--mask", nargs="+", default=["default"], help="default|all|none|globs")
     return parser
+
+
+def _dataset(args: argparse.Namespace, seed: int = 0) -> data.Dataset:
+    """The dataset, then its `--train-fraction` and `--label-noise` variants."""
+    ds = data.load(args.dataset, data_dir=args.data_dir, seed=seed, download=args.download)
+    if args.train_fraction == 0:
+        raise UsageError("--train-fraction must be > 0")
+    if args.train_fraction < 1:
+        ds = variants.subsample(ds, args.train_fraction, seed)
+    if args.label_noise > 0:
+        ds = variants.label_noise(ds, args.label_noise, seed)
+    return ds
 
 
 def _model(args: argparse.Namespace, ds: data.Dataset) -> models.Model:
@@ -415,7 +461,7 @@ def _resume_changes(args: argparse.Namespace, stored: dict | None) -> dict[str, 
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
-    ds = data.load(args.dataset, data_dir=args.data_dir, download=args.download)
+    ds = _dataset(args)
     model = _model(args, ds)
     params, _ = model.init(jax.random.PRNGKey(0))
     print(f"{args.model} on {ds.summary()}; mask: {' '.join(args.mask)}")
@@ -435,7 +481,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, out: pathlib.Path, sweep: Any) -> int:
-    ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
+    ds = _dataset(args, args.seed)
     mask = parse_mask(args.mask)
     result = sweep(
         ds, model=_model(args, ds), optimizer=args.optimizer,
@@ -472,14 +518,18 @@ def _decay_report(
     """What the optimizer's λ did, in its own terms: for decoupled decay the per-step
     shrink factor c_t·λ (not a penalty), for coupled L2 the gradient term λ·w."""
     norms = {k: final[k] for k in ("weight_norm_decayed", "weight_norm_other")}
+    auto = args.weight_decay == "auto"
+    lam = final["weight_decay"] if auto else args.weight_decay  # auto: the final λ
+    tuned = {"tuned": f"by hypergradient from λ₀ = {args.auto_decay_init:g}"} if auto else {}
     if args.optimizer in ("adam_l2", "sgd_l2"):
-        return {"kind": "coupled L2: g ← g + λ·w", "lambda": args.weight_decay, **norms}
+        return {"kind": "coupled L2: g ← g + λ·w", "lambda": lam, **tuned, **norms}
     coupling = options.get("lr_coupling", "lr")
     c = transforms.multiplier(coupling, lr, options.get("max_learning_rate") or args.lr)
-    first, last = (float(c(jnp.asarray(t))) * args.weight_decay for t in (0, total_steps - 1))
+    first, last = (float(c(jnp.asarray(t))) * lam for t in (0, total_steps - 1))
     return {
         "kind": "decoupled: u ← u − c_t·λ·w",
-        "lambda": args.weight_decay,
+        "lambda": lam,
+        **tuned,
         "lr_coupling": coupling,
         "per_step_factor_first": first,
         "per_step_factor_last": last,
@@ -529,16 +579,19 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     layout = _layout(args)
     if _writer():
         report.write_json(_run_config(args), config_file)
-    ds = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed, download=args.download)
+    ds = _dataset(args, args.seed)
     model = _model(args, ds)
     mask = parse_mask(args.mask)
     batch_size = min(args.batch_size, len(ds.x_train))
     steps = len(ds.x_train) // batch_size
     lr = _schedule(args, steps)
     options = _optimizer_options(args, mask)
-    opt = optimizers.create(args.optimizer, lr, args.weight_decay, l1=args.l1, **options)
+    auto = args.weight_decay == "auto"
+    lam = args.auto_decay_init if auto else args.weight_decay
+    opt = optimizers.create(args.optimizer, lr, lam, l1=args.l1, **options)
     if args.clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(args.clip_norm), opt)
+    tuner = Tuner(opt, learning_rate=args.auto_decay_lr) if auto else None
     loss_terms = _penalties(args, mask)
     params, _ = model.init(jax.random.PRNGKey(0))
     table = masks.describe(params, mask, file=None)  # validates the mask before training
@@ -557,6 +610,7 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
             model, opt, ds, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
             penalties=loss_terms, mask=mask, patience=args.patience, checkpoints=ckpt,
             progress=not args.no_progress, hyperparams=changes or None, layout=layout,
+            tuner=tuner,
         )  # fmt: skip
     finally:
         if ckpt is not None:

@@ -25,6 +25,7 @@ import optax
 
 from wdjax import distributed, masks
 from wdjax.distributed import Layout
+from wdjax.hypergradient import Tuner
 from wdjax.lab import tasks
 from wdjax.lab.report import progress_bar
 from wdjax.lab.tasks import Batch, Metrics, Task, as_task
@@ -60,18 +61,26 @@ class TrainState(NamedTuple):
     model_state: Any
     rng: jax.Array
     skipped: jax.Array  # steps dropped for non-finite gradients
+    tuner: Any = None  # a wdjax.hypergradient.TunerState when λ tunes itself
 
 
 def init_state(
-    model: Any, optimizer: optax.GradientTransformation, key: jax.Array, params: Params = None
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    params: Params = None,
+    tuner: Tuner | None = None,
 ) -> TrainState:
     """Initialize params from `key` (or start from given `params`, e.g. to fine-tune)
-    and the optimizer state from the params. `model`: a Task or a reference Model."""
+    and the optimizer state from the params (and the `tuner`'s from the optimizer's).
+    `model`: a Task or a reference Model."""
     init_key, run_key = jax.random.split(key)
     fresh, model_state = as_task(model).init(init_key)
     params = fresh if params is None else jax.tree.map(jnp.array, params)  # a copy: donated
     step, skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # distinct buffers
-    return TrainState(step, params, optimizer.init(params), model_state, run_key, skipped)
+    opt_state = optimizer.init(params)
+    tuned = None if tuner is None else tuner.init(opt_state)
+    return TrainState(step, params, opt_state, model_state, run_key, skipped, tuned)
 
 
 def hyperparam(opt_state: Any, name: str) -> jax.Array:
@@ -139,6 +148,7 @@ def make_train_step(
     penalties: Sequence[Penalty] = (),
     mask: Mask = masks.DEFAULT,
     layout: Layout | None = None,
+    tuner: Tuner | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `step(state, batch) -> (state, metrics)` (not jitted: jit it, scan it
     or vmap it; [`fit`][wdjax.lab.train.fit] does all three as needed):
@@ -160,7 +170,11 @@ def make_train_step(
     optimizer does not inject them) and `skipped`.
 
     `layout`: each batch is constrained to its data-parallel sharding, and the loss is
-    computed in its `compute_dtype` (see [`wdjax.distributed.Layout`][])."""
+    computed in its `compute_dtype` (see [`wdjax.distributed.Layout`][]).
+
+    `tuner` (a [`wdjax.hypergradient.Tuner`][]): `batch` is then `(train, held_out)`;
+    after an applied update, the held-out loss's gradient at the new params drives one
+    hypergradient step on `log λ` (metric `hypergradient`; `weight_decay` is the new λ)."""
     task = as_task(model)
     if layout is not None and layout.compute_dtype is not None:
         task = tasks.in_dtype(task, layout.compute_dtype)
@@ -174,7 +188,16 @@ def make_train_step(
         params, _, _, opt_state, _, old_model_state = operand
         return params, opt_state, old_model_state
 
+    def held_out_grads(params: Params, model_state: Any, held: Batch) -> Params:
+        def loss(p: Params) -> jax.Array:
+            return jnp.mean(task.per_example(p, model_state, held)["loss"])
+
+        return jax.grad(loss)(params)
+
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        held = None
+        if tuner is not None:
+            batch, held = batch
         if layout is not None:
             batch = layout.constrain_batch(batch)
         rng = jax.random.fold_in(jax.random.split(state.rng)[1], state.step)
@@ -192,7 +215,18 @@ def make_train_step(
             ok, apply, skip, (*operand, state.model_state)
         )
         skipped = state.skipped + (~ok).astype(jnp.int32)
-        new_state = TrainState(state.step + 1, params, opt_state, model_state, state.rng, skipped)
+        tuned, extra = state.tuner, {}
+        if tuner is not None:
+            g_held = held_out_grads(params, model_state, held)
+            h = tuner.hypergradient(grads, state.opt_state, state.params, g_held)
+            tuned = jax.tree.map(  # scalars: a skipped step leaves λ as it was
+                lambda a, b: jnp.where(ok, a, b), tuner.update(tuned, h), tuned
+            )
+            opt_state = new_opt_state = tuner.apply(tuned, opt_state)
+            extra = {"hypergradient": tuned.hypergradient}
+        new_state = TrainState(
+            state.step + 1, params, opt_state, model_state, state.rng, skipped, tuned
+        )
         metrics = {
             "loss": aux.pop("data_loss"),
             **aux,
@@ -203,6 +237,7 @@ def make_train_step(
             "weight_decay": hyperparam(new_opt_state, "weight_decay"),
             "decay_factor": decay_factor(new_opt_state),
             "skipped": skipped,
+            **extra,
         }
         return new_state, metrics
 
@@ -225,13 +260,15 @@ def run_steps(
     length: int,
     rows: jax.Array | None = None,
     unroll: bool = False,
+    held: Batch | None = None,
 ) -> tuple[TrainState, Metrics]:
     """`length` steps from `state.step` as one `lax.scan`, all within one epoch.
 
     `data` is a pytree of arrays with a leading example axis (`{"x", "y"}`).
     `rows` (optional) restricts training to those example indices (a fold), so
     vmapped members can train on different subsets of one copy of the data.
-    `unroll=True` unrolls the scan (see [`fit`][wdjax.lab.train.fit] on convolutions on CPU)."""
+    `unroll=True` unrolls the scan (see [`fit`][wdjax.lab.train.fit] on convolutions on CPU).
+    `held`: held-out data; each step then gets `(batch, held-out batch)` (for a tuner)."""
     n = jax.tree.leaves(data)[0].shape[0] if rows is None else rows.shape[0]
     steps_per_epoch = n // batch_size
     idx = epoch_batches(state.rng, state.step // steps_per_epoch, n, batch_size)
@@ -239,8 +276,15 @@ def run_steps(
     if rows is not None:
         idx = rows[idx]
 
+    n_held = None if held is None else jax.tree.leaves(held)[0].shape[0]
+
     def body(state: TrainState, i: jax.Array) -> tuple[TrainState, Metrics]:
-        return step(state, jax.tree.map(lambda a: a[i], data))
+        batch = jax.tree.map(lambda a: a[i], data)
+        if held is not None:  # a held-out batch for the tuner, drawn by (rng, step)
+            key = jax.random.fold_in(jax.random.split(state.rng, 3)[2], state.step)
+            j = jax.random.randint(key, (batch_size,), 0, n_held)
+            batch = (batch, jax.tree.map(lambda a: a[j], held))
+        return step(state, batch)
 
     return jax.lax.scan(body, state, idx, unroll=unroll)
 
@@ -319,6 +363,7 @@ def fit(
     hyperparams: dict[str, float] | None = None,
     layout: Layout | None = None,
     feed: Literal["device", "host"] = "device",
+    tuner: Tuner | None = None,
 ) -> FitResult:
     """Train `model` (a [`Task`][wdjax.lab.tasks.Task] or a reference Model) on
     `data` (a [`wdjax.lab.data.Dataset`][] or `(train, val)` arrays) for `epochs`.
@@ -344,10 +389,17 @@ def fit(
     global batch, one step at a time; the batch order is the same pure function of
     `(seed, step)` as on the device path, so the runs are equal.
 
+    `tuner` (a [`wdjax.hypergradient.Tuner`][]): λ tunes itself during training by
+    hypergradient steps on batches of the *validation* split (so the validation
+    figures are no longer untouched by training; the test split is). The history then
+    records λ (`weight_decay`) and the `hypergradient`.
+
     `scan=False` dispatches the steps one by one (asynchronously: still no host round
     trip per step) instead of one `lax.scan` per stretch: for models whose backward
     pass XLA:CPU runs slowly inside a loop, such as plain `lax` convolutions
     (jax-ml/jax#12868; the reference CNN avoids this with [`wdjax.lab.ops`][])."""
+    if tuner is not None and feed == "host":
+        raise ValueError("a tuner needs the device feed (feed='device')")
     if layout is None and jax.process_count() > 1:
         raise ValueError(
             f"fit runs in {jax.process_count()} processes without a layout, so each would "
@@ -369,11 +421,15 @@ def fit(
         )
     steps_per_epoch = n // batch_size
     total = epochs * steps_per_epoch
-    step = make_train_step(task, optimizer, penalties=penalties, mask=mask, layout=layout)
-    state, shardings = init_state_on(layout, task, optimizer, jax.random.PRNGKey(seed), params)
+    step = make_train_step(
+        task, optimizer, penalties=penalties, mask=mask, layout=layout, tuner=tuner
+    )
+    key = jax.random.PRNGKey(seed)
+    state, shardings = init_state_on(layout, task, optimizer, key, params, tuner)
     val_data = _place(layout, val_data)
     if feed == "device":
         train_data = _place(layout, train_data)
+    held = val_data if tuner is not None else None
     run = _Runner(step, shardings, layout, batch_size, unroll=not scan)
 
     history: list[dict[str, float]] = []
@@ -398,7 +454,7 @@ def fit(
             state = run.from_host(state, train_data, done, length, pending)
         else:  # async dispatch: no host sync
             for k in [length] if scan else [1] * length:
-                state, metrics = run(state, train_data, k)
+                state, metrics = run(state, train_data, k, held)
                 pending.append(metrics)
         done += length
         if done % steps_per_epoch == 0:
@@ -433,18 +489,19 @@ def init_state_on(
     optimizer: optax.GradientTransformation,
     key: jax.Array,
     params: Params = None,
+    tuner: Tuner | None = None,
 ) -> tuple[TrainState, Any]:
     """[`init_state`][wdjax.lab.train.init_state] created where `layout` says, by
     `jit(init, out_shardings=...)`: no leaf is ever whole on one device. Returns the
     state and its shardings (None without a layout)."""
+    init = functools.partial(init_state, model, optimizer, tuner=tuner)
     if layout is None:
-        return init_state(model, optimizer, key, params), None
-    abstract = jax.eval_shape(functools.partial(init_state, model, optimizer), key, params)
+        return init(key, params), None
+    abstract = jax.eval_shape(init, key, params)
     shardings = layout.shardings(abstract, abstract.params)
     if params is not None:
         params = layout.put(params, layout.params(params))
-    init = jax.jit(functools.partial(init_state, model, optimizer), out_shardings=shardings)
-    return init(key, params), shardings
+    return jax.jit(init, out_shardings=shardings)(key, params), shardings
 
 
 def _place(layout: Layout | None, data: Batch) -> Batch:
@@ -478,12 +535,17 @@ class _Runner:
             self._jitted[key] = jax.jit(fn, **kwargs)
         return self._jitted[key]
 
-    def __call__(self, state: TrainState, data: Batch, length: int) -> tuple[TrainState, Metrics]:
-        def stretch(state: TrainState, data: Batch) -> tuple[TrainState, Metrics]:
-            return run_steps(self.step, state, data, self.batch_size, length, None, self.unroll)
+    def __call__(
+        self, state: TrainState, data: Batch, length: int, held: Batch | None = None
+    ) -> tuple[TrainState, Metrics]:
+        def stretch(state: TrainState, both: tuple) -> tuple[TrainState, Metrics]:
+            data, held = both
+            return run_steps(
+                self.step, state, data, self.batch_size, length, None, self.unroll, held
+            )
 
-        rep = None if self.layout is None else self.layout.replicated(data)
-        return self._jit(("scan", length), stretch, rep)(state, data)
+        rep = None if self.layout is None else self.layout.replicated((data, held))
+        return self._jit(("scan", length), stretch, rep)(state, (data, held))
 
     def from_host(
         self, state: TrainState, data: Batch, start: int, length: int, pending: list

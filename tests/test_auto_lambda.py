@@ -1,0 +1,277 @@
+"""λ that chooses itself: tasks where λ matters (wdjax.lab.variants) and the
+hypergradient tuner (wdjax.hypergradient) alone, in `fit` and in the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import wdjax
+from wdjax import masks
+from wdjax.hypergradient import Tuner
+from wdjax.lab import cli, data, models, train, variants
+
+PARAMS = {"dense": {"kernel": jnp.linspace(-1, 1, 12).reshape(3, 4), "bias": jnp.ones(4)}}
+GRADS = jax.tree.map(lambda x: 0.3 * jnp.cos(x), PARAMS)
+HELD = jax.tree.map(lambda x: 0.5 - jnp.sin(3 * x), PARAMS)  # ∇L_val at θ⁺ (any tree)
+
+
+# ---------------------------------------------------------------- variants
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load("digits")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0])
+def test_label_noise_changes_exactly_that_many_training_labels(digits, rate):
+    noisy = variants.label_noise(digits, rate, seed=1)
+    wrong = int(np.sum(noisy.y_train != digits.y_train))
+    assert wrong == round(rate * len(digits.y_train))
+    assert noisy.y_train.min() >= 0 and noisy.y_train.max() < digits.num_classes
+    for split in ("val", "test"):  # held-out labels stay clean
+        np.testing.assert_array_equal(noisy.arrays(split)["y"], digits.arrays(split)["y"])
+    again = variants.label_noise(digits, rate, seed=1)
+    np.testing.assert_array_equal(again.y_train, noisy.y_train)  # a function of the seed
+    assert noisy.name == f"digits+noise{rate:g}"
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 1.0])
+def test_subsample_keeps_a_stratified_fraction(digits, fraction):
+    small = variants.subsample(digits, fraction, seed=2)
+    counts = np.bincount(digits.y_train, minlength=10)
+    kept = np.bincount(small.y_train, minlength=10)
+    np.testing.assert_array_equal(kept, np.maximum(1, np.round(fraction * counts)))
+    rows = {r.tobytes() for r in digits.x_train}
+    assert all(r.tobytes() in rows for r in small.x_train)  # a subset, no new images
+    np.testing.assert_array_equal(small.x_val, digits.x_val)
+
+
+def test_sparse_regression_has_k_nonzero_coefficients():
+    task = variants.sparse_regression(n=50, d=80, k=7, noise=0.1, seed=3)
+    assert np.count_nonzero(task.w) == 7 and set(np.abs(task.w[task.w != 0])) == {1.0}
+    for split in (task.train, task.val, task.test):
+        assert split["x"].shape == (50, 80) and split["y"].shape == (50,)
+    residual = task.train["y"] - task.train["x"] @ task.w
+    assert 0.05 < residual.std() < 0.2  # the noise level asked for
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda ds: variants.label_noise(ds, 1.5), "label noise rate must be in"),
+        (lambda ds: variants.label_noise(ds, -0.1), "label noise rate must be in"),
+        (lambda ds: variants.subsample(ds, 0.0), "training fraction must be in"),
+        (lambda ds: variants.subsample(ds, 2.0), "training fraction must be in"),
+        (lambda ds: variants.sparse_regression(d=5, k=6), "need 0 < k <= d"),
+    ],
+)
+def test_variants_refuse_bad_arguments(digits, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(digits)
+
+
+# ------------------------------------------------------------------ Tuner
+
+
+def _after(opt, lam):
+    state = opt.init(PARAMS)
+    state = wdjax.set_hyperparams(state, weight_decay=lam)
+    return state
+
+
+@pytest.mark.parametrize(
+    "name, build, c",
+    [
+        ("adamw lr", lambda: wdjax.adamw(0.1, 0.01), 0.1),
+        ("sgdw lr", lambda: wdjax.sgdw(0.05, 0.01, momentum=0.9), 0.05),
+        ("lionw lr", lambda: wdjax.lionw(0.02, 0.01), 0.02),
+        (
+            "adamw constant",
+            lambda: wdjax.adamw(0.1, 0.01, lr_coupling="constant"),
+            1.0,
+        ),
+    ],
+)
+def test_decoupled_hypergradient_is_the_closed_form(name, build, c):
+    """`∂L_val(θ⁺)/∂log λ = −c·λ·⟨∇L_val, M⊙θ⟩` for `θ⁺ = θ − η·u − c·λ·(M⊙θ)`."""
+    opt = build()
+    state = opt.init(PARAMS)
+    h = jax.jit(Tuner(opt).hypergradient)(GRADS, state, PARAMS, HELD)
+    decayed = masks.resolve(PARAMS, masks.DEFAULT)
+    inner = sum(
+        float(jnp.vdot(g, w)) if d else 0.0
+        for g, w, d in zip(jax.tree.leaves(HELD), jax.tree.leaves(PARAMS), decayed, strict=True)
+    )
+    assert float(h) == pytest.approx(-c * 0.01 * inner, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: wdjax.sgd_l2(0.1, 0.05), lambda: wdjax.adam_l2(0.1, 0.05, mask=masks.ALL)],
+    ids=["sgd_l2", "adam_l2"],
+)
+def test_coupled_l2_hypergradient_matches_finite_differences(build):
+    """Through the preconditioner: `h` equals a central difference in log λ of
+    `⟨∇L_val, θ⁺(λ)⟩` (a linear held-out loss, so its gradient is HELD everywhere)."""
+    opt = build()
+    state = opt.init(PARAMS)
+    for k in range(3):  # past Adam's first step, whose update is ±η whatever λ is
+        state = opt.update(jax.tree.map(lambda g, k=k: g * (k - 1.5), GRADS), state, PARAMS)[1]
+    h = float(Tuner(opt).hypergradient(GRADS, state, PARAMS, HELD))
+
+    def val(log_lam):
+        s = wdjax.set_hyperparams(state, weight_decay=jnp.exp(log_lam))
+        new = optax.apply_updates(PARAMS, opt.update(GRADS, s, PARAMS)[0])
+        return sum(
+            float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(HELD), jax.tree.leaves(new))
+        )
+
+    eps = 1e-2
+    fd = (val(np.log(0.05) + eps) - val(np.log(0.05) - eps)) / (2 * eps)
+    assert h != 0 and h == pytest.approx(fd, rel=2e-3)
+
+
+def test_the_step_moves_log_lambda_against_the_hypergradient_within_bounds():
+    tuner = Tuner(wdjax.adamw(0.1, 0.01), learning_rate=0.5, bounds=(1e-3, 0.1))
+    state = tuner.init(_after(tuner.optimizer, 0.01))
+    up = tuner.update(state, jnp.float32(-1.0))  # lowering the held-out loss needs more λ
+    down = tuner.update(state, jnp.float32(2.0))
+    assert float(tuner.rate(up)) == pytest.approx(0.01 * np.exp(0.5), rel=1e-4)
+    assert float(tuner.rate(down)) == pytest.approx(0.01 * np.exp(-0.5), rel=1e-4)
+    for _ in range(20):
+        up, down = tuner.update(up, jnp.float32(-1.0)), tuner.update(down, jnp.float32(1.0))
+    assert float(tuner.rate(up)) == pytest.approx(0.1) and float(tuner.rate(down)) == pytest.approx(
+        1e-3
+    )
+    stuck = tuner.update(state, jnp.float32(jnp.nan))  # a NaN hypergradient moves nothing
+    assert float(tuner.rate(stuck)) == pytest.approx(0.01)
+
+
+def test_every_k_steps():
+    tuner = Tuner(wdjax.adamw(0.1, 0.01), every=3)
+    state = tuner.init(_after(tuner.optimizer, 0.01))
+    rates = []
+    for _ in range(6):
+        state = tuner.update(state, jnp.float32(1.0))
+        rates.append(float(tuner.rate(state)))
+    assert rates[0] == rates[1] == pytest.approx(0.01) and rates[2] < 0.01
+    assert rates[3] == rates[4] == rates[2] and rates[5] < rates[2]
+
+
+def test_the_tuner_is_jit_and_vmap_clean_and_writes_lambda_into_the_state():
+    opt = wdjax.adamw(0.1, 0.01)
+    tuner = Tuner(opt, learning_rate=0.1)
+    lams = jnp.array([1e-4, 1e-2, 1e-1])
+
+    def one(lam):
+        state = wdjax.set_hyperparams(opt.init(PARAMS), weight_decay=lam)
+        updates, new_state = opt.update(GRADS, state, PARAMS)
+        t_state, new_state = tuner.step(tuner.init(state), GRADS, state, PARAMS, HELD, new_state)
+        return tuner.rate(t_state), new_state.hyperparams["weight_decay"]
+
+    rates, written = jax.jit(jax.vmap(one))(lams)
+    chex.assert_trees_all_close(rates, written)
+    for lam, rate in zip(lams, rates, strict=True):
+        assert float(rate) != pytest.approx(float(lam))
+        assert float(rate) == pytest.approx(float(one(lam)[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bounds": (0.0, 1.0)}, "bounds must be"),
+        ({"bounds": (1.0, 0.1)}, "bounds must be"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be > 0"),
+        ({"every": 0}, "every must be an int >= 1"),
+        ({"b1": 1.0}, "moment coefficients"),
+    ],
+)
+def test_tuner_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Tuner(wdjax.adamw(0.1, 0.01), **kwargs)
+
+
+def test_tuner_needs_an_injected_hyperparameter():
+    opt = optax.adamw(0.1, weight_decay=0.01)
+    with pytest.raises(ValueError, match="does not inject 'weight_decay'"):
+        Tuner(opt).init(opt.init(PARAMS))
+
+
+# ----------------------------------------------------------- in fit and the CLI
+
+
+@pytest.fixture(scope="module")
+def noisy(digits) -> data.Dataset:
+    return variants.label_noise(digits, 0.3, seed=0)
+
+
+def _tuned_fit(ds, lam0: float, epochs: int = 4, **kw):
+    model = models.create("mlp", input_shape=(8, 8, 1), widths=(64,))
+    opt = wdjax.adamw(1e-2, lam0, lr_coupling="schedule", max_learning_rate=1e-2)
+    tuner = Tuner(opt, learning_rate=0.1, bounds=(1e-6, 1.0))
+    return train.fit(
+        model, opt, ds, epochs=epochs, batch_size=64, progress=False, tuner=tuner, **kw
+    )
+
+
+def test_fit_tunes_lambda_and_records_it(noisy):
+    result = _tuned_fit(noisy, 0.1)
+    lams = [h["weight_decay"] for h in result.history]
+    assert lams[0] < 0.1 and len(set(lams)) == len(lams)  # it moved every epoch
+    assert all(1e-6 <= lam <= 1.0 for lam in lams)
+    assert all(np.isfinite(h["hypergradient"]) for h in result.history)
+    assert float(result.state.tuner.log_rate) == pytest.approx(np.log(lams[-1]), rel=1e-5)
+
+
+def test_hypergradient_on_training_data_drives_lambda_down(noisy):
+    """The documented failure mode: tuned on the data it trains on, every hypergradient
+    is positive (the training loss always prefers less decay) and λ only falls: from
+    0.1 to below 1e-3 in 6 epochs. (On this task the one-step hypergradient on held-out
+    data falls too: the short-horizon bias, measured in docs/auto_lambda.md.)"""
+    train_split = noisy.arrays("train")
+    model = models.create("mlp", input_shape=(8, 8, 1), widths=(64,))
+    opt = wdjax.adamw(1e-2, 0.1, lr_coupling="schedule", max_learning_rate=1e-2)
+    tuner = Tuner(opt, learning_rate=0.3, bounds=(1e-6, 1.0))
+    result = train.fit(
+        model, opt, (train_split, train_split), epochs=6, batch_size=64, progress=False,
+        tuner=tuner,
+    )  # fmt: skip
+    lams = [0.1] + [h["weight_decay"] for h in result.history]
+    assert all(b < a for a, b in zip(lams, lams[1:], strict=False))
+    assert all(h["hypergradient"] > 0 for h in result.history)
+    assert lams[-1] < 1e-3
+
+
+def test_a_tuned_run_resumes_exactly(noisy, tmp_path):
+    from wdjax.lab import checkpoint
+
+    straight = _tuned_fit(noisy, 1e-2, epochs=3)
+    with checkpoint.Checkpointer(tmp_path, every=14) as ckpt:
+        _tuned_fit(noisy, 1e-2, epochs=2, checkpoints=ckpt)
+    with checkpoint.Checkpointer(tmp_path, every=14) as ckpt:
+        resumed = _tuned_fit(noisy, 1e-2, epochs=3, checkpoints=ckpt)
+    assert [h["weight_decay"] for h in resumed.history] == [
+        h["weight_decay"] for h in straight.history
+    ]
+    chex.assert_trees_all_equal(resumed.state.tuner, straight.state.tuner)
+
+
+def test_cli_weight_decay_auto(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--weight-decay", "auto", "--auto-decay-init", "0.05", "--epochs", "3"]
+    argv += ["--label-noise", "0.3", "--widths", "32", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["decay"]["tuned"] == "by hypergradient from λ₀ = 0.05"
+    assert summary["decay"]["lambda"] == records[-1]["weight_decay"] != 0.05
+    assert "digits+noise0.3" in summary["dataset"]

@@ -1,0 +1,165 @@
+"""λ that tunes itself from held-out data: hypergradient steps on `log λ`.
+
+After a training update `θ⁺ = θ + u(g; λ)`, the held-out loss at `θ⁺` changes with λ as
+
+```text
+h = ∂L_val(θ⁺)/∂log λ = ⟨∇L_val(θ⁺), ∂θ⁺/∂log λ⟩
+```
+
+through that one update (T1–T2: Luketina et al., ICML 2016). For decoupled decay,
+`θ⁺ = θ − η_t·u − c_t·λ·(M⊙θ)`, this is `−c_t·λ·⟨∇L_val(θ⁺), M⊙θ⟩`; for coupled L2 it
+passes through the optimizer's preconditioner. A [`Tuner`][wdjax.hypergradient.Tuner]
+computes it for any optimizer that injects the hyperparameter (every wdjax optimizer,
+or `optax.inject_hyperparams`) as one forward-mode derivative (`jax.jvp`) of the update
+with respect to `log λ`: exact, at the cost of one more update, plus the held-out
+forward/backward pass that gives `∇L_val(θ⁺)`. Then, every `every` steps,
+
+```text
+m ← β₁·m + (1−β₁)·h,   v ← β₂·v + (1−β₂)·h²,   log λ ← clip(log λ − α·m̂/(√v̂ + ε))
+```
+
+and λ is written back into the optimizer state (`set_hyperparams`: no recompile). The
+state is a pytree of scalars; everything is pure and jit/scan/vmap-clean.
+
+Known failure modes: the one-step horizon is biased toward small λ (the benefit of decay
+shows over many steps, its cost at once); `h` computed on *training* data drives λ to
+its lower bound (the training loss always prefers less decay); on scale-invariant
+(normalized) layers λ acts as an effective learning rate, not as a regularizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from wdjax.optimizers import set_hyperparams
+from wdjax.types import Params
+
+
+class TunerState(NamedTuple):
+    """`log_rate` (log λ), the moments of its normalized step, the step count and the
+    last hypergradient `h` (for metrics)."""
+
+    log_rate: jax.Array
+    mu: jax.Array
+    nu: jax.Array
+    count: jax.Array
+    hypergradient: jax.Array
+
+
+def _injected(opt_state: Any, name: str) -> jax.Array | None:
+    found = jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
+    values = [s.hyperparams[name] for s in found if name in getattr(s, "hyperparams", {})]
+    return values[0] if values else None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tuner:
+    """Tunes the injected hyperparameter `name` of `optimizer` (λ, `"weight_decay"`) by
+    hypergradient steps of size `learning_rate` in `log λ`, every `every` training
+    steps, within `bounds`. Use it from your own step:
+
+    ```python
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    held_grads = jax.grad(held_out_loss)(new_params, held_batch)
+    tuner_state, new_opt_state = tuner.step(
+        tuner_state, grads, opt_state, params, held_grads, new_opt_state)
+    ```
+
+    [`wdjax.lab.train.fit`][] does this with its validation split (`fit(..., tuner=)`)."""
+
+    optimizer: optax.GradientTransformation
+    name: str = "weight_decay"
+    learning_rate: float = 0.05
+    every: int = 1
+    bounds: tuple[float, float] = (1e-8, 1.0)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        lo, hi = self.bounds
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"bounds must be 0 < low < high < inf, got {self.bounds}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
+        if not (isinstance(self.every, int) and self.every >= 1):
+            raise ValueError(f"every must be an int >= 1, got {self.every!r}")
+        for beta in (self.b1, self.b2):
+            if not 0 <= beta < 1:
+                raise ValueError(f"moment coefficients must be in [0, 1), got {beta}")
+
+    def init(self, opt_state: Any) -> TunerState:
+        """Start from the λ in `opt_state` (clipped to `bounds`)."""
+        value = _injected(opt_state, self.name)
+        if value is None:
+            raise ValueError(
+                f"the optimizer does not inject {self.name!r}: use a wdjax optimizer or "
+                "optax.inject_hyperparams"
+            )
+        lo, hi = self.bounds
+        log_rate = jnp.log(jnp.clip(jnp.asarray(value, jnp.float32), lo, hi))
+        zeros = [jnp.zeros([], jnp.float32) for _ in range(3)]  # distinct buffers: donated
+        return TunerState(log_rate, zeros[0], zeros[1], jnp.zeros([], jnp.int32), zeros[2])
+
+    def hypergradient(
+        self, grads: Params, opt_state: Any, params: Params, held_out_grads: Params
+    ) -> jax.Array:
+        """`∂L_val(θ⁺)/∂log λ` through the update from `(grads, opt_state, params)`;
+        `held_out_grads` is `∇L_val` at the updated params."""
+
+        def updated(log_rate: jax.Array) -> Params:
+            state = set_hyperparams(opt_state, **{self.name: jnp.exp(log_rate)})
+            updates, _ = self.optimizer.update(grads, state, params)
+            return optax.apply_updates(params, updates)
+
+        log_rate = jnp.log(jnp.asarray(_injected(opt_state, self.name), jnp.float32))
+        _, tangent = jax.jvp(updated, (log_rate,), (jnp.ones_like(log_rate),))
+        dots = jax.tree.map(
+            lambda g, t: jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32)),
+            held_out_grads,
+            tangent,
+        )
+        return sum(jax.tree.leaves(dots), jnp.zeros([], jnp.float32))
+
+    def update(self, state: TunerState, hypergradient: jax.Array) -> TunerState:
+        """One normalized step on `log λ` (only every `every`-th call moves it)."""
+        count = state.count + 1
+        h = jnp.where(jnp.isfinite(hypergradient), hypergradient, 0.0).astype(jnp.float32)
+        mu = self.b1 * state.mu + (1 - self.b1) * h
+        nu = self.b2 * state.nu + (1 - self.b2) * h * h
+        t = count.astype(jnp.float32)
+        step = (mu / (1 - self.b1**t)) / (jnp.sqrt(nu / (1 - self.b2**t)) + self.eps)
+        lo, hi = (math.log(b) for b in self.bounds)
+        moved = jnp.clip(state.log_rate - self.learning_rate * step, lo, hi)
+        due = count % self.every == 0
+        return TunerState(jnp.where(due, moved, state.log_rate), mu, nu, count, h)
+
+    def apply(self, state: TunerState, opt_state: Any) -> Any:
+        """`opt_state` with λ = `exp(log_rate)`."""
+        return set_hyperparams(opt_state, **{self.name: jnp.exp(state.log_rate)})
+
+    def step(
+        self,
+        state: TunerState,
+        grads: Params,
+        opt_state: Any,
+        params: Params,
+        held_out_grads: Params,
+        new_opt_state: Any,
+    ) -> tuple[TunerState, Any]:
+        """The hypergradient of the update `(grads, opt_state, params) → θ⁺`, one step
+        on `log λ`, and `new_opt_state` carrying the new λ."""
+        h = self.hypergradient(grads, opt_state, params, held_out_grads)
+        state = self.update(state, h)
+        return state, self.apply(state, new_opt_state)
+
+    def rate(self, state: TunerState) -> jax.Array:
+        """The current λ."""
+        return jnp.exp(state.log_rate)
