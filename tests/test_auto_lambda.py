@@ -275,3 +275,88 @@ def test_cli_weight_decay_auto(tmp_path, capsys):
     assert summary["decay"]["tuned"] == "by hypergradient from λ₀ = 0.05"
     assert summary["decay"]["lambda"] == records[-1]["weight_decay"] != 0.05
     assert "digits+noise0.3" in summary["dataset"]
+
+
+# -------------------------------------------------------------- timescales
+
+
+RUN = {"steps_per_epoch": 20, "total_steps": 200}
+
+
+@pytest.mark.parametrize(
+    "coupling, lr, c_mean",
+    [
+        ("lr", 1e-2, 1e-2),
+        ("constant", 1e-2, 1.0),
+        ("schedule", optax.linear_schedule(1e-2, 0.0, 200), 0.5025),  # mean of (200 − t)/200
+    ],
+)
+def test_timescale_and_its_inverse(coupling, lr, c_mean):
+    kw = {"learning_rate": lr, "lr_coupling": coupling, **RUN}
+    if coupling == "schedule":
+        kw["max_learning_rate"] = 1e-2
+    lam = wdjax.timescale.rate_for_timescale(3.0, **kw)  # τ = 3 epochs
+    assert lam == pytest.approx(1 / (c_mean * 60), rel=1e-3)
+    t = wdjax.timescale.timescale(lam, **kw)
+    assert t.tau_epoch == pytest.approx(3.0, rel=1e-6) and t.tau_iter == pytest.approx(60.0)
+    assert t.tau_fraction == pytest.approx(0.3) and t.total_shrinkage == pytest.approx(200 / 60)
+    frac = wdjax.timescale.rate_for_timescale(0.3, unit="fraction", **kw)
+    assert frac == pytest.approx(lam, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "lam, message", [(1.0, "forgets within one epoch"), (1e-5, "longer than the run")]
+)
+def test_timescale_warns_outside_the_run(lam, message):
+    with pytest.warns(RuntimeWarning, match=message):
+        wdjax.timescale.timescale(lam, learning_rate=0.1, **RUN)
+
+
+@pytest.mark.parametrize(
+    "rule, source, target, factor",
+    [
+        ("batch", {"batch_size": 64}, {"batch_size": 256}, 4.0),
+        ("width_mup", {"width": 128}, {"width": 512}, 4.0),
+        ("width_sqrt", {"width": 128}, {"width": 512}, 2.0),
+        (
+            "constant_tau_epoch",
+            {"c": 1e-3, "batch_size": 64, "dataset_size": 1000},
+            {"c": 2e-3, "batch_size": 128, "dataset_size": 4000},
+            0.5 * 2 * 0.25,
+        ),
+    ],
+)
+def test_transfer_rules(rule, source, target, factor):
+    assert wdjax.timescale.transfer(0.01, rule=rule, source=source, target=target) == (
+        pytest.approx(0.01 * factor)
+    )
+    assert rule in wdjax.timescale.RULES
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: wdjax.timescale.transfer(0.1, rule="magic", source={}, target={}), "unknown"),
+        (
+            lambda: wdjax.timescale.transfer(
+                0.1, rule="batch", source={}, target={"batch_size": 2}
+            ),
+            "needs source batch_size",
+        ),
+        (lambda: wdjax.timescale.timescale(0.0, learning_rate=0.1, **RUN), "λ > 0"),
+        (lambda: wdjax.timescale.rate_for_timescale(-1, learning_rate=0.1, **RUN), "> 0"),
+        (
+            lambda: wdjax.timescale.rate_for_timescale(1, unit="days", learning_rate=0.1, **RUN),
+            "unit must be",
+        ),
+        (
+            lambda: wdjax.timescale.timescale(
+                0.1, learning_rate=0.1, steps_per_epoch=0, total_steps=1
+            ),
+            "steps_per_epoch >= 1",
+        ),
+    ],
+)
+def test_timescale_refuses_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

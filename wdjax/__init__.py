@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Any
 
-from wdjax import groups, masks
+from wdjax import distributed, groups, hypergradient, masks, timescale
 from wdjax.groups import RateMap, rates
 from wdjax.optimizers import adam_l2, adamw, lionw, set_hyperparams, sgd_l2, sgdw
 from wdjax.penalties import Penalty, elastic_net, group_lasso, l1, l2, l2_toward, regularized
@@ -42,7 +42,9 @@ __all__ = [
     "describe",
     "elastic_net",
     "group_lasso",
+    "distributed",
     "groups",
+    "hypergradient",
     "l1",
     "l1_proximal",
     "l2",
@@ -50,6 +52,7 @@ __all__ = [
     "lab",
     "lionw",
     "masks",
+    "timescale",
     "max_norm",
     "rates",
     "regularized",
