@@ -4,6 +4,7 @@ hypergradient tuner (wdjax.hypergradient) alone, in `fit` and in the CLI."""
 from __future__ import annotations
 
 import json
+import re
 
 import chex
 import jax
@@ -227,7 +228,7 @@ def test_fit_tunes_lambda_and_records_it(noisy):
     result = _tuned_fit(noisy, 0.1)
     lams = [h["weight_decay"] for h in result.history]
     assert lams[0] < 0.1 and len(set(lams)) == len(lams)  # it moved every epoch
-    assert all(1e-6 <= lam <= 1.0 for lam in lams)
+    assert all(0.99e-6 <= lam <= 1.0 for lam in lams)  # the bounds, in float32
     assert all(np.isfinite(h["hypergradient"]) for h in result.history)
     assert float(result.state.tuner.log_rate) == pytest.approx(np.log(lams[-1]), rel=1e-5)
 
@@ -360,3 +361,40 @@ def test_transfer_rules(rule, source, target, factor):
 def test_timescale_refuses_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ------------------------------------------------------ the measured page
+
+
+def _lambda_tasks():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lambda_tasks.py"
+    spec = importlib.util.spec_from_file_location("lambda_tasks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path.parents[1]
+
+
+def test_the_lambda_tasks_page_is_the_render_of_its_json():
+    """docs/lambda_tasks.md is what `benchmarks/lambda_tasks.py` made of the JSON it cites."""
+    module, root = _lambda_tasks()
+    page = (root / "docs" / "lambda_tasks.md").read_text()
+    cited = re.search(r"JSON: `([^`]+)`", page).group(1)
+    results = json.loads((root / cited).read_text())
+    assert module.render(results) == page
+    noisy = results["curves"]["digits+noise0.3"]
+    assert noisy["gap_in_se"] > 2  # the task the examples and tests use: λ matters there
+
+
+@pytest.mark.slow
+def test_lambda_tasks_quick_run(capsys):
+    module, _ = _lambda_tasks()
+    results = module.main(["--quick"])
+    assert set(results["curves"]) == {
+        "digits", "digits+noise0.3", "digits+frac0.25", "digits+frac0.25+noise0.3"
+    }  # fmt: skip
+    for start in results["tuner"]["starts"].values():
+        assert all(0.99e-6 <= lam <= 1.0 for lam in start["final_lambda"])  # float32 bounds
+    assert "## The hypergradient tuner" in capsys.readouterr().out

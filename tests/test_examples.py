@@ -39,6 +39,11 @@ CASES = {
         r"chose λ=(\S+) \(mean val accuracy ([\d.]+)%",
         lambda lam, acc: float(lam) >= 0,
     ),
+    "auto_lambda": (
+        [],
+        r"the tuned λ ended at (\S+) from λ₀ = 0.1; the grid chose (\S+)$",
+        lambda tuned, best: 1e-6 <= float(tuned) < 0.1 and float(best) >= 0,
+    ),
     "finetune_l2sp": (
         [],
         r"beat decay toward zero in (\d+) of (\d+)",
