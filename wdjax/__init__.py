@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 from wdjax import distributed, groups, hypergradient, masks, timescale
+from wdjax.constrained import cpr
 from wdjax.groups import RateMap, rates
 from wdjax.optimizers import adam_l2, adamw, lionw, set_hyperparams, sgd_l2, sgdw
 from wdjax.penalties import Penalty, elastic_net, group_lasso, l1, l2, l2_toward, regularized
@@ -36,6 +37,7 @@ __all__ = [
     "SweepResult",
     "adam_l2",
     "adamw",
+    "cpr",
     "add_l2_gradient",
     "decay_toward",
     "decoupled_weight_decay",
