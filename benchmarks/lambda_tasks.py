@@ -113,6 +113,28 @@ def tuner_runs(ds: data.Dataset, epochs: int, seeds: tuple[int, ...], best: floa
     return out
 
 
+def cpr_runs(ds: data.Dataset, epochs: int, seeds: tuple[int, ...], knobs: tuple[int, ...]):
+    """Test accuracy of AdamW at each λ of the grid and of Adam + CPR (untuned: the
+    inflection-point bound) at each `reg_step_size`, over `seeds`."""
+    import optax
+
+    model = models.create("mlp", input_shape=ds.input_shape, widths=(128,))
+    test = ds.arrays("test")
+
+    def accuracy(opt, seed: int) -> float:
+        r = train.fit(model, opt, ds, epochs=epochs, batch_size=64, seed=seed, progress=False)
+        return train.evaluate(model, r.state.params, r.state.model_state, test)["accuracy"]
+
+    adamw = {str(lam): [accuracy(_optimizer(lam), s) for s in seeds] for lam in GRID}
+    cpr = {
+        str(k): [
+            accuracy(optax.chain(optax.adam(LR), wdjax.cpr(reg_step_size=k)), s) for s in seeds
+        ]
+        for k in knobs
+    }
+    return {"adamw": adamw, "cpr": cpr}
+
+
 def _mean_se(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, np.float64)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
@@ -168,6 +190,25 @@ def render(results: dict) -> str:
         + ", ".join(f"{x:.2g}" for x in t["control_on_training_data"])
         + ".",
     ]
+    c = results["cpr"]
+    lines += [
+        "",
+        f"## Constrained parameter regularization on {results['tuner_task']}",
+        "",
+        "Test accuracy (mean ± SE over the same seeds) of AdamW at each λ, and of Adam + "
+        "`wdjax.cpr()` untuned (κ at the inflection point) at each `reg_step_size`, its "
+        "one knob; the spread is max − min of the means.",
+        "",
+        "| optimizer | setting | test accuracy |",
+        "|---|---|---|",
+    ]
+    for name, key in (("AdamW", "λ"), ("Adam + CPR", "reg_step_size")):
+        runs = c["adamw" if name == "AdamW" else "cpr"]
+        for setting, accs in runs.items():
+            m, se = _mean_se(accs)
+            lines.append(f"| {name} | {key} = {setting} | {m:.3f} ± {se:.3f} |")
+        means = [np.mean(v) for v in runs.values()]
+        lines.append(f"| {name} | spread | {max(means) - min(means):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,12 +229,15 @@ def main(argv: list[str] | None = None) -> dict:
     task = "digits+noise0.3"
     tuner_seeds = (0, 1) if args.quick else (0, 1, 2, 3, 4)
     tuned = tuner_runs(all_tasks[task], epochs, tuner_seeds, curves[task]["best"])
+    knobs = (50, 200) if args.quick else (50, 100, 200, 400)
+    constrained = cpr_runs(all_tasks[task], epochs, tuner_seeds, knobs)
     command = "python benchmarks/lambda_tasks.py" + (" --quick" if args.quick else "")
     env = environment()
     json_path = f"benchmarks/results/{env['device_slug']}-{env['date']}-lambda-tasks.json"
     results = {
         "command": command, "environment": env, "epochs": epochs, "seeds": list(seeds),
-        "folds": folds, "curves": curves, "tuner_task": task, "tuner": tuned, "json": json_path,
+        "folds": folds, "curves": curves, "tuner_task": task, "tuner": tuned, "cpr": constrained,
+        "json": json_path,
     }  # fmt: skip
     text = render(results)
     print(text)

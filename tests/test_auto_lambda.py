@@ -276,6 +276,31 @@ def test_cli_weight_decay_auto(tmp_path, capsys):
     assert summary["decay"]["tuned"] == "by hypergradient from λ₀ = 0.05"
     assert summary["decay"]["lambda"] == records[-1]["weight_decay"] != 0.05
     assert "digits+noise0.3" in summary["dataset"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_show_a_tuned_lambda(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from wdjax.lab import report
+
+    titles = []
+    original = Axes.set
+
+    def spy(self, **kw):
+        titles.append(kw.get("title"))
+        return original(self, **kw)
+
+    monkeypatch.setattr(Axes, "set", spy)
+    history = [
+        {"epoch": e, "loss": 1.0, "val_loss": 1.0, "weight_decay": 10.0**-e, "hypergradient": 0.1}
+        for e in (1, 2)
+    ]
+    report.plot_history(history, tmp_path / "c.png")
+    assert "λ (tuned)" in titles
+    report.plot_history([{k: v for k, v in h.items() if k != "hypergradient"} for h in history],
+                        tmp_path / "d.png")  # fmt: skip
+    assert titles.count("λ (tuned)") == 1
 
 
 # -------------------------------------------------------------- timescales

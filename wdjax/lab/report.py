@@ -76,7 +76,8 @@ def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def plot_history(history: list[dict], path: str | os.PathLike) -> None:
-    """Loss, accuracy (when the task has it) and weight-norm curves per epoch, as a PNG."""
+    """Loss, accuracy (when the task has it) and weight-norm curves per epoch, and λ
+    when it tuned itself (log scale), as a PNG."""
     from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
@@ -86,12 +87,16 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> None:
         ("weight norm", (("weight_norm_decayed", "decayed"), ("weight_norm_other", "other"))),
     ]
     panels = [(t, s) for t, s in panels if history and any(k in history[0] for k, _ in s)]
+    if history and "hypergradient" in history[0]:  # a tuned λ: show its course
+        panels.append(("λ (tuned)", (("weight_decay", "λ"),)))
     fig = Figure(figsize=(4.4 * len(panels), 3.6), layout="constrained")
     for ax, (title, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for key, label in series:
             if key in history[0]:
                 ax.plot(epochs, [r[key] for r in history], label=label)
         ax.set(title=title, xlabel="epoch")
+        if title.startswith("λ"):
+            ax.set_yscale("log")
         ax.legend()
     fig.savefig(path, dpi=110)
 
