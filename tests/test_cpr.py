@@ -15,6 +15,10 @@ import wdjax
 from wdjax import masks
 from wdjax.constrained import UNSET
 
+# pytorch-cpr's own deprecation notices from PyTorch, not wdjax's
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*is_compiling.*:UserWarning", "ignore:Use _accelerator_graph:DeprecationWarning"
+)
 STEPS, LR = 120, 0.1  # a rate at which the kernels' norms grow: CPR has work to do
 # κ-setting methods, with settings that make each one act within 120 steps
 INITS = {
