@@ -423,3 +423,29 @@ def test_lambda_tasks_quick_run(capsys):
     for start in results["tuner"]["starts"].values():
         assert all(0.99e-6 <= lam <= 1.0 for lam in start["final_lambda"])  # float32 bounds
     assert "## The hypergradient tuner" in capsys.readouterr().out
+
+
+def test_sweep_tunes_each_member_from_its_initial_lambda(noisy):
+    """`sweep(..., tuner=)`: every member starts from its grid λ and tunes it on its own
+    held-out rows; a member equals `fit` with the same tuner (no folds)."""
+    model = models.create("mlp", input_shape=(8, 8, 1), widths=(64,))
+    opt = wdjax.adamw(1e-2, 0.0, lr_coupling="schedule", max_learning_rate=1e-2)
+    tuner = Tuner(opt, learning_rate=0.1, bounds=(1e-6, 1.0))
+    starts = [1e-4, 1e-1]
+    found = wdjax.sweep(noisy, model=model, optimizer=opt, weight_decay=starts, epochs=2,
+                        batch_size=64, tuner=tuner, progress=False)  # fmt: skip
+    lams = found.history["weight_decay"]
+    assert lams.shape == (2, 2) and np.all(np.isfinite(found.history["hypergradient"]))
+    assert lams[1, -1] != pytest.approx(1e-1) and lams[1, -1] > lams[0, -1]
+    large = wdjax.adamw(1e-2, 1e-1, lr_coupling="schedule", max_learning_rate=1e-2)
+    alone = train.fit(
+        model, large, noisy, epochs=2, batch_size=64, progress=False,
+        tuner=Tuner(large, learning_rate=0.1, bounds=(1e-6, 1.0)),
+    )  # fmt: skip
+    assert lams[1, -1] == pytest.approx(alone.history[-1]["weight_decay"], rel=1e-4)
+    folded = wdjax.sweep(noisy, model=model, optimizer=opt, weight_decay=starts, folds=2,
+                         epochs=1, batch_size=64, tuner=tuner, progress=False)  # fmt: skip
+    assert folded.history["weight_decay"].shape == (4, 1)
+    with pytest.raises(ValueError, match="built on the sweep's optimizer"):
+        wdjax.sweep(noisy, model=model, optimizer=opt, weight_decay=starts, epochs=1,
+                    tuner=Tuner(wdjax.adamw(1e-2, 0.0)), progress=False)  # fmt: skip

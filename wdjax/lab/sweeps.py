@@ -55,6 +55,7 @@ from jax.experimental import multihost_utils
 from wdjax import masks, optimizers
 from wdjax.distributed import Layout
 from wdjax.groups import check_rate
+from wdjax.hypergradient import Tuner
 from wdjax.lab import data as data_lib
 from wdjax.lab import models, report, tasks
 from wdjax.lab.folds import kfold_rows
@@ -131,22 +132,27 @@ def _program(
     penalties: tuple[Penalty, ...],
     mask: Mask,
     layout: Layout | None = None,
+    tuner: Tuner | None = None,
 ) -> tuple[Callable, Callable]:
     """The train step and the jitted epoch of a chunk of members; cached, so sweeps of
     the same structure compile once. With a layout, members are split over its
     `members` axis (the vmap's `spmd_axis_name`) and each member's batches over its
     data axes; every output stays split by member."""
-    step = make_train_step(task, opt, penalties=penalties, mask=mask, layout=layout)
+    step = make_train_step(task, opt, penalties=penalties, mask=mask, layout=layout, tuner=tuner)
     spmd = "members" if layout is not None and layout.size("members") > 1 else None
 
     def epoch(
         state: TrainState, train: Batch, rows: Any, val: Batch, held: Any, length: int
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         """`length` steps of every member, then its epoch metrics and validation."""
-        member = jax.vmap(
-            lambda s, r: run_steps(step, s, train, batch_size, length, r), spmd_axis_name=spmd
-        )
-        state, m = member(state, rows)
+
+        def one(s: TrainState, r: Any, h: Any) -> tuple[TrainState, dict]:
+            held = None  # a tuner's held-out batches: the member's held-out rows
+            if tuner is not None:
+                held = val if h is None else jax.tree.map(lambda a: a[h], val)
+            return run_steps(step, s, train, batch_size, length, r, held=held)
+
+        state, m = jax.vmap(one, spmd_axis_name=spmd)(state, rows, held)
         score = jax.vmap(
             lambda s, r: tasks.evaluate(task, s.params, s.model_state, val, r, batch_size),
             spmd_axis_name=spmd,
@@ -224,10 +230,13 @@ def _train(
     chunk_size: int,
     progress: bool,
     layout: Layout | None,
+    tuner: Tuner | None = None,
 ) -> tuple[dict[str, np.ndarray], Any, Any]:
     """Train members `i = (hyper[h][i], seeds[i], folds[i])` in chunks; return per-epoch
     metrics `(members, epochs)` and the final params and model_state stacked over members."""
-    inits = {s: init_state(task, opt, jax.random.PRNGKey(s)) for s in set(seeds.tolist())}
+    inits = {
+        s: init_state(task, opt, jax.random.PRNGKey(s), tuner=tuner) for s in set(seeds.tolist())
+    }
     steps_per_epoch = d.n_train // batch_size
     n = len(seeds)
     n_chunks = -(-n // chunk_size)
@@ -246,6 +255,8 @@ def _train(
         state = jax.tree.map(lambda *a: jnp.stack(a), *(inits[s] for s in seeds[members].tolist()))
         opt_state = set_hyperparams(state.opt_state, **{h: v[members] for h, v in hyper.items()})
         state = state._replace(opt_state=opt_state)
+        if tuner is not None:  # each member's tuner starts from its own λ
+            state = state._replace(tuner=jax.vmap(tuner.init)(opt_state))
         rows, held = d.member_rows(folds[members])
         state, rows, held = (place(t, "members") for t in (state, rows, held))
         records = []
@@ -336,6 +347,7 @@ def sweep(
     chunk_size: int | None = None,
     progress: bool = True,
     layout: Layout | None = None,
+    tuner: Tuner | None = None,
 ) -> SweepResult:
     """Train every member of the grid `weight_decay × learning_rate × l1 × hyperparams ×
     seeds (× folds)` together, and choose a setting.
@@ -361,7 +373,11 @@ def sweep(
     `data` axis): members are split over `members` (no collectives between them),
     each member's batches over `data`. `chunk_size` is then per device along
     `members`, and the last chunk is padded to a multiple of that axis. Under several
-    processes every process calls `sweep` alike and gets all results."""
+    processes every process calls `sweep` alike and gets all results.
+
+    `tuner` (a [`wdjax.hypergradient.Tuner`][] of `optimizer`): each member's λ tunes
+    itself from its grid value (so `weight_decay` is the grid of *initial* λs) on
+    batches of its held-out rows; the history holds each member's λ per epoch."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if epochs < 1 or not seeds or (chunk_size is not None and chunk_size < 1):
@@ -402,8 +418,12 @@ def sweep(
             f"batch size {batch_size} does not split over the layout's {layout.data_size} "
             f"data-parallel devices: use a multiple of {layout.data_size}"
         )
-    step, run_epoch = _cached(_program, task, opt, batch_size, tuple(penalties), mask, layout)
-    state = jax.eval_shape(lambda: init_state(task, opt, jax.random.PRNGKey(0)))
+    if tuner is not None and tuner.optimizer is not opt:
+        raise ValueError("the tuner must be built on the sweep's optimizer: Tuner(optimizer)")
+    step, run_epoch = _cached(
+        _program, task, opt, batch_size, tuple(penalties), mask, layout, tuner
+    )
+    state = jax.eval_shape(lambda: init_state(task, opt, jax.random.PRNGKey(0), tuner=tuner))
     missing = set(grid) - _injected(state.opt_state)
     if missing:
         raise ValueError(
@@ -430,6 +450,7 @@ def sweep(
         batch = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype), d.train
         )
+        batch = batch if tuner is None else (batch, batch)  # a tuner's steps take two
         chunk_size = memory_budget() // member_bytes(step, state, batch)
         if jax.process_count() > 1:  # every process must run the same chunks: process 0's
             chunk_size = int(multihost_utils.broadcast_one_to_all(np.int64(chunk_size)))
@@ -438,7 +459,7 @@ def sweep(
     history, params, model_state = _train(
         task, opt, run_epoch, d, hyper, seed_of.astype(np.int32), fold_of,
         epochs=epochs, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
-        layout=layout,
+        layout=layout, tuner=tuner,
     )  # fmt: skip
     _warn_if_decay_underflows(state.params, history, layout)
 
