@@ -81,9 +81,13 @@ def tuner_runs(ds: data.Dataset, epochs: int, seeds: tuple[int, ...], best: floa
     model = models.create("mlp", input_shape=ds.input_shape, widths=(128,))
     test = ds.arrays("test")
 
-    def run(lam0: float, seed: int, tuned: bool, data_=ds) -> tuple[float, float, float]:
+    def run(
+        lam0: float, seed: int, tuned: bool, data_=ds, neumann: int = 0
+    ) -> tuple[float, float, float]:
         opt = _optimizer(lam0)
-        tuner = Tuner(opt, learning_rate=0.05, bounds=(1e-6, 1.0)) if tuned else None
+        tuner = None
+        if tuned:
+            tuner = Tuner(opt, learning_rate=0.05, bounds=(1e-6, 1.0), neumann=neumann)
         t0 = time.perf_counter()
         r = train.fit(
             model, opt, data_, epochs=epochs, batch_size=64, seed=seed, progress=False,
@@ -103,6 +107,12 @@ def tuner_runs(ds: data.Dataset, epochs: int, seeds: tuple[int, ...], best: floa
             "test_accuracy": [g[1] for g in got],
             "seconds": [g[2] for g in got],
         }
+    got = [run(1e-1, s, True, neumann=5) for s in seeds]  # Lorraine et al.'s correction
+    out["starts"]["0.1, neumann=5"] = {
+        "final_lambda": [g[0] for g in got],
+        "test_accuracy": [g[1] for g in got],
+        "seconds": [g[2] for g in got],
+    }
     got = [run(best, s, False) for s in seeds]
     out["grid_best"] = {
         "lambda": best,

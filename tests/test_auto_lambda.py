@@ -194,6 +194,8 @@ def test_the_tuner_is_jit_and_vmap_clean_and_writes_lambda_into_the_state():
         ({"learning_rate": float("nan")}, "learning_rate must be > 0"),
         ({"every": 0}, "every must be an int >= 1"),
         ({"b1": 1.0}, "moment coefficients"),
+        ({"neumann": -1}, "neumann must be an int >= 0"),
+        ({"neumann_lr": 0.0}, "neumann_lr must be > 0"),
     ],
 )
 def test_tuner_refuses_bad_settings(kwargs, message):
@@ -449,3 +451,77 @@ def test_sweep_tunes_each_member_from_its_initial_lambda(noisy):
     with pytest.raises(ValueError, match="built on the sweep's optimizer"):
         wdjax.sweep(noisy, model=model, optimizer=opt, weight_decay=starts, epochs=1,
                     tuner=Tuner(wdjax.adamw(1e-2, 0.0)), progress=False)  # fmt: skip
+
+
+def _two_groups(lr: float = 0.1):
+    """One decoupled decay per group, each with its own injected λ."""
+
+    def build(wd_kernel, wd_bias):
+        return optax.chain(
+            optax.adam(lr),
+            wdjax.decoupled_weight_decay(wd_kernel, "dense/kernel", learning_rate=lr),
+            wdjax.decoupled_weight_decay(wd_bias, "dense/bias", learning_rate=lr),
+        )
+
+    return optax.inject_hyperparams(build)(wd_kernel=0.01, wd_bias=0.02)
+
+
+def test_per_group_lambdas_get_their_own_hypergradients():
+    opt = _two_groups()
+    tuner = Tuner(opt, name=("wd_kernel", "wd_bias"), learning_rate=0.5)
+    state = opt.init(PARAMS)
+    h = jax.jit(tuner.hypergradient)(GRADS, state, PARAMS, HELD)
+    for i, (leaf, lam) in enumerate((("kernel", 0.01), ("bias", 0.02))):
+        closed = -0.1 * lam * float(jnp.vdot(HELD["dense"][leaf], PARAMS["dense"][leaf]))
+        assert float(h[i]) == pytest.approx(closed, rel=1e-5)
+    t_state = tuner.init(state)
+    assert t_state.log_rate.shape == (2,)
+    t_state, new = tuner.step(t_state, GRADS, state, PARAMS, HELD, state)
+    rates = tuner.rate(t_state)
+    assert float(new.hyperparams["wd_kernel"]) == pytest.approx(float(rates[0]))
+    assert float(new.hyperparams["wd_bias"]) == pytest.approx(float(rates[1]))
+    assert np.all(np.sign(np.log(np.asarray(rates) / [0.01, 0.02])) == -np.sign(np.asarray(h)))
+
+
+def test_fit_reports_each_group(noisy):
+    model = models.create("mlp", input_shape=(8, 8, 1), widths=(32,))
+
+    def build(wd_hidden, wd_head):
+        return optax.chain(
+            optax.adam(1e-2),
+            wdjax.decoupled_weight_decay(wd_hidden, "dense0/kernel", lr_coupling="constant"),
+            wdjax.decoupled_weight_decay(wd_head, "head/kernel", lr_coupling="constant"),
+        )
+
+    opt = optax.inject_hyperparams(build)(wd_hidden=1e-2, wd_head=1e-2)
+    tuner = Tuner(opt, name=("wd_hidden", "wd_head"), learning_rate=0.1)
+    result = train.fit(model, opt, noisy, epochs=2, batch_size=64, progress=False, tuner=tuner)
+    last = result.history[-1]
+    assert {"rate/wd_hidden", "rate/wd_head", "hypergradient/wd_head"} <= set(last)
+    assert last["rate/wd_hidden"] != last["rate/wd_head"]
+
+
+def test_neumann_vector_is_the_truncated_series():
+    """For a quadratic training loss ½·θᵀAθ, `neumann=i` gives Σ_{j≤i}(I − αA)^j g."""
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(4, 4)).astype(np.float32)
+    a = m @ m.T / 4 + np.eye(4, dtype=np.float32)
+    g = rng.normal(size=4).astype(np.float32)
+    opt = wdjax.adamw(0.1, 0.01, mask=masks.ALL)
+    for i in (0, 1, 3):
+        tuner = Tuner(opt, neumann=i, neumann_lr=0.1)
+        got = tuner.neumann_vector({"w": jnp.asarray(g)}, lambda v: {"w": jnp.asarray(a) @ v["w"]})
+        step = np.eye(4) - 0.1 * a
+        want = sum(np.linalg.matrix_power(step, j) @ g for j in range(i + 1))
+        np.testing.assert_allclose(got["w"], want, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs hvp"):
+        Tuner(opt, neumann=2).hypergradient(GRADS, opt.init(PARAMS), PARAMS, HELD)
+
+
+def test_fit_with_the_neumann_correction(noisy):
+    model = models.create("mlp", input_shape=(8, 8, 1), widths=(32,))
+    opt = wdjax.adamw(1e-2, 1e-2, lr_coupling="schedule", max_learning_rate=1e-2)
+    tuner = Tuner(opt, learning_rate=0.1, neumann=2, neumann_lr=1e-2)
+    result = train.fit(model, opt, noisy, epochs=2, batch_size=64, progress=False, tuner=tuner)
+    assert all(np.isfinite(h["hypergradient"]) for h in result.history)
+    assert result.history[-1]["weight_decay"] != pytest.approx(1e-2)

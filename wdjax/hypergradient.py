@@ -19,7 +19,11 @@ m ← β₁·m + (1−β₁)·h,   v ← β₂·v + (1−β₂)·h²,   log λ �
 ```
 
 and λ is written back into the optimizer state (`set_hyperparams`: no recompile). The
-state is a pytree of scalars; everything is pure and jit/scan/vmap-clean.
+state is a pytree of scalars; everything is pure and jit/scan/vmap-clean. Several
+injected names (`name=("wd_a", "wd_b")`, one decoupled decay per group) get one λ and one
+hypergradient each. `neumann=i` replaces `∇L_val` by `Σ_{j≤i}(I − α·H)^j ∇L_val`
+(Lorraine et al., AISTATS 2020: the implicit-function correction, `i` Hessian-vector
+products of the training loss), which is T1–T2 at `i = 0`.
 
 Known failure modes: the one-step horizon is biased toward small λ (the benefit of decay
 shows over many steps, its cost at once); `h` computed on *training* data drives λ to
@@ -75,13 +79,15 @@ class Tuner:
     [`wdjax.lab.train.fit`][] does this with its validation split (`fit(..., tuner=)`)."""
 
     optimizer: optax.GradientTransformation
-    name: str = "weight_decay"
+    name: str | tuple[str, ...] = "weight_decay"
     learning_rate: float = 0.05
     every: int = 1
     bounds: tuple[float, float] = (1e-8, 1.0)
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-12
+    neumann: int = 0
+    neumann_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         lo, hi = self.bounds
@@ -91,42 +97,85 @@ class Tuner:
             raise ValueError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
         if not (isinstance(self.every, int) and self.every >= 1):
             raise ValueError(f"every must be an int >= 1, got {self.every!r}")
+        if not (isinstance(self.neumann, int) and self.neumann >= 0):
+            raise ValueError(f"neumann must be an int >= 0, got {self.neumann!r}")
+        if not (self.neumann_lr > 0 and math.isfinite(self.neumann_lr)):
+            raise ValueError(f"neumann_lr must be > 0 and finite, got {self.neumann_lr}")
         for beta in (self.b1, self.b2):
             if not 0 <= beta < 1:
                 raise ValueError(f"moment coefficients must be in [0, 1), got {beta}")
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The tuned hyperparameters: one name, or one per group (`name=("wd_a", "wd_b")`,
+        each injected by the optimizer, e.g. one decoupled decay per mask)."""
+        return (self.name,) if isinstance(self.name, str) else tuple(self.name)
+
+    def _set(self, opt_state: Any, log_rate: jax.Array) -> Any:
+        rates = jnp.exp(jnp.atleast_1d(log_rate))
+        return set_hyperparams(opt_state, **{n: rates[i] for i, n in enumerate(self.names)})
+
     def init(self, opt_state: Any) -> TunerState:
-        """Start from the λ in `opt_state` (clipped to `bounds`)."""
-        value = _injected(opt_state, self.name)
-        if value is None:
+        """Start from the λ(s) in `opt_state` (clipped to `bounds`). One name: scalars;
+        several: arrays with one entry per name."""
+        values = [_injected(opt_state, n) for n in self.names]
+        missing = [n for n, v in zip(self.names, values, strict=True) if v is None]
+        if missing:
             raise ValueError(
-                f"the optimizer does not inject {self.name!r}: use a wdjax optimizer or "
-                "optax.inject_hyperparams"
+                f"the optimizer does not inject {', '.join(map(repr, missing))}: use a wdjax "
+                "optimizer or optax.inject_hyperparams"
             )
         lo, hi = self.bounds
-        log_rate = jnp.log(jnp.clip(jnp.asarray(value, jnp.float32), lo, hi))
-        zeros = [jnp.zeros([], jnp.float32) for _ in range(3)]  # distinct buffers: donated
-        return TunerState(log_rate, zeros[0], zeros[1], jnp.zeros([], jnp.int32), zeros[2])
+        log_rate = jnp.log(jnp.clip(jnp.stack(values).astype(jnp.float32), lo, hi))
+        shape = () if isinstance(self.name, str) else (len(self.names),)
+        zeros = [jnp.zeros(shape, jnp.float32) for _ in range(3)]  # distinct buffers: donated
+        return TunerState(
+            log_rate.reshape(shape), zeros[0], zeros[1], jnp.zeros([], jnp.int32), zeros[2]
+        )
+
+    def neumann_vector(self, held_out_grads: Params, hvp: Any) -> Params:
+        """`Σ_{j≤i} (I − α·H)^j ∇L_val` with `i = neumann`, `α = neumann_lr` and `hvp(v) =
+        H·v` of the training loss: the implicit-function correction of Lorraine et al.
+        (AISTATS 2020), `α·H⁻¹∇L_val` as `i → ∞`; `∇L_val` itself at `i = 0`."""
+        if self.neumann == 0:
+            return held_out_grads
+        if hvp is None:
+            raise ValueError(f"neumann={self.neumann} needs hvp: v -> H·v of the training loss")
+        term = total = held_out_grads
+        for _ in range(self.neumann):
+            term = jax.tree.map(lambda p, hp: p - self.neumann_lr * hp, term, hvp(term))
+            total = jax.tree.map(jnp.add, total, term)
+        return total
 
     def hypergradient(
-        self, grads: Params, opt_state: Any, params: Params, held_out_grads: Params
+        self,
+        grads: Params,
+        opt_state: Any,
+        params: Params,
+        held_out_grads: Params,
+        hvp: Any = None,
     ) -> jax.Array:
-        """`∂L_val(θ⁺)/∂log λ` through the update from `(grads, opt_state, params)`;
-        `held_out_grads` is `∇L_val` at the updated params."""
+        """`∂L_val(θ⁺)/∂log λ` (one per name) through the update from `(grads,
+        opt_state, params)`; `held_out_grads` is `∇L_val` at the updated params. With
+        `neumann > 0`, `hvp(v)` (the training loss's Hessian times `v`) corrects it for
+        the longer horizon ([`neumann_vector`][wdjax.hypergradient.Tuner.neumann_vector])."""
+        held_out_grads = self.neumann_vector(held_out_grads, hvp)
 
         def updated(log_rate: jax.Array) -> Params:
-            state = set_hyperparams(opt_state, **{self.name: jnp.exp(log_rate)})
-            updates, _ = self.optimizer.update(grads, state, params)
+            updates, _ = self.optimizer.update(grads, self._set(opt_state, log_rate), params)
             return optax.apply_updates(params, updates)
 
-        log_rate = jnp.log(jnp.asarray(_injected(opt_state, self.name), jnp.float32))
-        _, tangent = jax.jvp(updated, (log_rate,), (jnp.ones_like(log_rate),))
+        values = [_injected(opt_state, n) for n in self.names]
+        log_rate = jnp.log(jnp.stack(values).astype(jnp.float32))
+        _, linear = jax.linearize(updated, log_rate)
+        tangents = jax.vmap(linear)(jnp.eye(len(self.names), dtype=jnp.float32))
         dots = jax.tree.map(
-            lambda g, t: jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32)),
+            lambda g, t: jnp.tensordot(t.astype(jnp.float32), g.astype(jnp.float32), axes=g.ndim),
             held_out_grads,
-            tangent,
+            tangents,
         )
-        return sum(jax.tree.leaves(dots), jnp.zeros([], jnp.float32))
+        h = sum(jax.tree.leaves(dots), jnp.zeros(len(self.names), jnp.float32))
+        return h[0] if isinstance(self.name, str) else h
 
     def update(self, state: TunerState, hypergradient: jax.Array) -> TunerState:
         """One normalized step on `log λ` (only every `every`-th call moves it)."""
@@ -142,8 +191,8 @@ class Tuner:
         return TunerState(jnp.where(due, moved, state.log_rate), mu, nu, count, h)
 
     def apply(self, state: TunerState, opt_state: Any) -> Any:
-        """`opt_state` with λ = `exp(log_rate)`."""
-        return set_hyperparams(opt_state, **{self.name: jnp.exp(state.log_rate)})
+        """`opt_state` with λ = `exp(log_rate)` (each name its own)."""
+        return self._set(opt_state, state.log_rate)
 
     def step(
         self,
@@ -153,13 +202,14 @@ class Tuner:
         params: Params,
         held_out_grads: Params,
         new_opt_state: Any,
+        hvp: Any = None,
     ) -> tuple[TunerState, Any]:
         """The hypergradient of the update `(grads, opt_state, params) → θ⁺`, one step
         on `log λ`, and `new_opt_state` carrying the new λ."""
-        h = self.hypergradient(grads, opt_state, params, held_out_grads)
+        h = self.hypergradient(grads, opt_state, params, held_out_grads, hvp)
         state = self.update(state, h)
         return state, self.apply(state, new_opt_state)
 
     def rate(self, state: TunerState) -> jax.Array:
-        """The current λ."""
+        """The current λ (one per name)."""
         return jnp.exp(state.log_rate)

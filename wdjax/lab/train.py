@@ -218,12 +218,27 @@ def make_train_step(
         tuned, extra = state.tuner, {}
         if tuner is not None:
             g_held = held_out_grads(params, model_state, held)
-            h = tuner.hypergradient(grads, state.opt_state, state.params, g_held)
+
+            def hvp(v: Params) -> Params:  # the training loss's Hessian at θ⁺, times v
+                def grad(p: Params) -> Params:
+                    return jax.grad(lambda q: objective(q, model_state, batch, rng)[0])(p)
+
+                return jax.jvp(grad, (params,), (v,))[1]
+
+            h = tuner.hypergradient(grads, state.opt_state, state.params, g_held, hvp)
             tuned = jax.tree.map(  # scalars: a skipped step leaves λ as it was
                 lambda a, b: jnp.where(ok, a, b), tuner.update(tuned, h), tuned
             )
             opt_state = new_opt_state = tuner.apply(tuned, opt_state)
-            extra = {"hypergradient": tuned.hypergradient}
+            h, names = tuned.hypergradient, tuner.names
+            extra = (
+                {"hypergradient": h}
+                if h.ndim == 0
+                else {
+                    **{f"hypergradient/{n}": h[i] for i, n in enumerate(names)},
+                    **{f"rate/{n}": jnp.exp(tuned.log_rate[i]) for i, n in enumerate(names)},
+                }
+            )
         new_state = TrainState(
             state.step + 1, params, opt_state, model_state, state.rng, skipped, tuned
         )
