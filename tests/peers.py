@@ -85,6 +85,45 @@ def load_timm(module_name: str, fill: Mapping[str, str] | None = None) -> Iterat
         sys.modules.update(saved)
 
 
+def torch_mlp() -> list:
+    """A PyTorch copy of `helpers.MLP0`: one `nn.Linear` per dense layer (`weight` =
+    `kernel.T`)."""
+    import numpy as np
+    import torch
+    from helpers import MLP0
+
+    layers = []
+    for i in range(len(MLP0)):
+        kernel, bias = (np.asarray(MLP0[f"dense{i}"][k]) for k in ("kernel", "bias"))
+        layer = torch.nn.Linear(*kernel.shape)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            layer.bias.copy_(torch.from_numpy(bias.copy()))
+        layers.append(layer)
+    return layers
+
+
+def jax_params(layers: list) -> dict:
+    """The params of `torch_mlp` layers in the JAX layout (`kernel` = `weight.T`)."""
+    return {
+        f"dense{i}": {
+            "kernel": layer.weight.detach().numpy().T.copy(),
+            "bias": layer.bias.detach().numpy().copy(),
+        }
+        for i, layer in enumerate(layers)
+    }
+
+
+def torch_loss(layers: list, x, y):
+    """The MSE of the tanh MLP `layers` on one batch (as `helpers.mse`)."""
+    import torch
+
+    h = torch.from_numpy(x)
+    for layer in layers[:-1]:
+        h = torch.tanh(layer(h))
+    return torch.nn.functional.mse_loss(layers[-1](h), torch.from_numpy(y))
+
+
 def torch_trajectory(
     make_optimizer: Callable[[list], Any],
     steps: int,
@@ -97,37 +136,19 @@ def torch_trajectory(
     import jax
     import numpy as np
     import torch
-    from helpers import BATCHES, MLP0
+    from helpers import BATCHES
 
     torch.set_num_threads(1)
-    layers = []
-    for i in range(len(MLP0)):
-        kernel, bias = (np.asarray(MLP0[f"dense{i}"][k]) for k in ("kernel", "bias"))
-        layer = torch.nn.Linear(*kernel.shape)
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            layer.bias.copy_(torch.from_numpy(bias.copy()))
-        layers.append(layer)
+    layers = torch_mlp()
     optimizer = make_optimizer(layers)
     xs, ys = (np.array(b) for b in BATCHES)
     out = []
     for t in range(steps):
         if before_step is not None:
             before_step(optimizer, t)
-        h = torch.from_numpy(xs[t])
-        for layer in layers[:-1]:
-            h = torch.tanh(layer(h))
-        loss = torch.nn.functional.mse_loss(layers[-1](h), torch.from_numpy(ys[t]))
+        loss = torch_loss(layers, xs[t], ys[t])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        out.append(
-            {
-                f"dense{i}": {
-                    "kernel": layer.weight.detach().numpy().T.copy(),
-                    "bias": layer.bias.detach().numpy().copy(),
-                }
-                for i, layer in enumerate(layers)
-            }
-        )
+        out.append(jax_params(layers))
     return jax.tree.map(lambda *xs: np.stack(xs), *out)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peers
 import pytest
 from helpers import BATCHES, MLP0, max_rel_err, mse
 
@@ -49,38 +50,14 @@ def _torch_cpr(init: str, options: dict):
     return make
 
 
-def _layers():
-    import torch
-
-    layers = []
-    for i in range(len(MLP0)):
-        kernel, bias = (np.asarray(MLP0[f"dense{i}"][k]) for k in ("kernel", "bias"))
-        layer = torch.nn.Linear(*kernel.shape)
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            layer.bias.copy_(torch.from_numpy(bias.copy()))
-        layers.append(layer)
-    return layers
-
-
-def _as_jax(layers) -> dict:
-    return {
-        f"dense{i}": {
-            "kernel": jnp.asarray(layer.weight.detach().numpy().T),
-            "bias": jnp.asarray(layer.bias.detach().numpy()),
-        }
-        for i, layer in enumerate(layers)
-    }
-
-
 @pytest.mark.parametrize("init", sorted(INITS))
 def test_matches_pytorch_cpr_step_by_step(init):
     """Teacher-forced: each step starts both from PyTorch's params (Adam at η = 0.1 is
     chaotic, so free-running trajectories part by float32 rounding alone); the new
     params agree to 1e-5 at every step, and κ is set at the same step to the same value."""
-    torch = pytest.importorskip("torch", reason="the parity test needs PyTorch")
+    pytest.importorskip("torch", reason="the parity test needs PyTorch")
     options = INITS[init]
-    layers = _layers()
+    layers = peers.torch_mlp()
     theirs = _torch_cpr(init, options)(layers)
     tx = optax.chain(optax.adam(LR, eps=1e-8), wdjax.cpr(masks.DEFAULT, init=init, **options))
     state = tx.init(MLP0)
@@ -88,17 +65,14 @@ def test_matches_pytorch_cpr_step_by_step(init):
     xs, ys = (np.asarray(b) for b in BATCHES)
     worst, kappas = 0.0, []
     for t in range(STEPS):
-        params = _as_jax(layers)
-        h = torch.from_numpy(xs[t])
-        for layer in layers[:-1]:
-            h = torch.tanh(layer(h))
-        loss = torch.nn.functional.mse_loss(layers[-1](h), torch.from_numpy(ys[t]))
+        params = peers.jax_params(layers)
+        loss = peers.torch_loss(layers, xs[t], ys[t])
         theirs.zero_grad()
         loss.backward()
         theirs.step()
         grads = jax.grad(mse)(params, xs[t], ys[t])
         updates, state = update(grads, state, params)
-        ours, expected = optax.apply_updates(params, updates), _as_jax(layers)
+        ours, expected = optax.apply_updates(params, updates), peers.jax_params(layers)
         worst = max(
             worst, max_rel_err(*(jax.tree.map(lambda a: a[None], p) for p in (ours, expected)))
         )
