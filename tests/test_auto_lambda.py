@@ -4,6 +4,7 @@ hypergradient tuner (wdjax.hypergradient) alone, in `fit` and in the CLI."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import chex
@@ -196,6 +197,10 @@ def test_the_tuner_is_jit_and_vmap_clean_and_writes_lambda_into_the_state():
         ({"b1": 1.0}, "moment coefficients"),
         ({"neumann": -1}, "neumann must be an int >= 0"),
         ({"neumann_lr": 0.0}, "neumann_lr must be > 0"),
+        ({"horizon": 0.5}, "horizon must be >= 1"),
+        ({"horizon": float("nan")}, "horizon must be >= 1"),
+        ({"horizon": 10, "neumann": 2}, "use it with horizon=1"),
+        ({"start": -1}, "start must be an int >= 0"),
     ],
 )
 def test_tuner_refuses_bad_settings(kwargs, message):
@@ -203,10 +208,13 @@ def test_tuner_refuses_bad_settings(kwargs, message):
         Tuner(wdjax.adamw(0.1, 0.01), **kwargs)
 
 
-def test_tuner_needs_an_injected_hyperparameter():
+def test_tuner_needs_an_injected_hyperparameter_and_forward_mode_params():
     opt = optax.adamw(0.1, weight_decay=0.01)
     with pytest.raises(ValueError, match="does not inject 'weight_decay'"):
         Tuner(opt).init(opt.init(PARAMS))
+    opt = wdjax.adamw(0.1, 0.01)
+    with pytest.raises(ValueError, match="needs params"):
+        Tuner(opt, horizon=100).init(opt.init(PARAMS))
 
 
 # ----------------------------------------------------------- in fit and the CLI
@@ -275,7 +283,7 @@ def test_cli_weight_decay_auto(tmp_path, capsys):
     assert cli.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert summary["decay"]["tuned"] == "by hypergradient from λ₀ = 0.05"
+    assert summary["decay"]["tuned"] == "by hypergradient from λ₀ = 0.05, horizon inf"
     assert summary["decay"]["lambda"] == records[-1]["weight_decay"] != 0.05
     assert "digits+noise0.3" in summary["dataset"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -525,3 +533,120 @@ def test_fit_with_the_neumann_correction(noisy):
     result = train.fit(model, opt, noisy, epochs=2, batch_size=64, progress=False, tuner=tuner)
     assert all(np.isfinite(h["hypergradient"]) for h in result.history)
     assert result.history[-1]["weight_decay"] != pytest.approx(1e-2)
+
+
+# ------------------------------------------------- forward mode (horizon > 1)
+
+
+def _train_loss(params):
+    """A non-quadratic training loss, so its Hessian changes along the run."""
+    w, b = params["dense"]["kernel"], params["dense"]["bias"]
+    return jnp.sum(jax.nn.softplus(w @ jnp.arange(1.0, 5.0) - 2.0)) + jnp.sum((b - 0.5) ** 4)
+
+
+def _forward_run(tuner, steps: int, lam: float = 0.05):
+    opt = tuner.optimizer
+    state = wdjax.set_hyperparams(opt.init(PARAMS), weight_decay=lam)
+    t_state, params = tuner.init(state, PARAMS), PARAMS
+    for _ in range(steps):
+        value_and_grad = jax.value_and_grad(_train_loss)
+        _, _, updates, state, t_state = tuner.forward(t_state, value_and_grad, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, t_state
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: wdjax.adamw(0.1, 0.05), lambda: wdjax.adam_l2(0.1, 0.05, mask=masks.ALL)],
+    ids=["adamw", "adam_l2"],
+)
+def test_forward_mode_is_the_derivative_of_the_whole_run(build):
+    """`horizon=inf`: `⟨∇L_val, Z⟩` after k steps is `d⟨HELD, θ_k(λ)⟩/d log λ` of the
+    k-step run (a linear held-out loss), Adam's moments included: a central difference."""
+    tuner = Tuner(build(), horizon=math.inf)
+    steps = 6
+    params, t_state = _forward_run(tuner, steps)
+    h = float(tuner.contract(t_state, HELD))
+
+    def val(log_lam):
+        opt = tuner.optimizer
+        state = wdjax.set_hyperparams(opt.init(PARAMS), weight_decay=jnp.exp(log_lam))
+        p = PARAMS
+        for _ in range(steps):
+            updates, state = opt.update(jax.grad(_train_loss)(p), state, p)
+            p = optax.apply_updates(p, updates)
+        return sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(HELD), jax.tree.leaves(p)))
+
+    eps = 1e-2
+    fd = (val(np.log(0.05) + eps) - val(np.log(0.05) - eps)) / (2 * eps)
+    assert h != 0 and h == pytest.approx(fd, rel=2e-3)
+    one_step = float(tuner.hypergradient(GRADS, tuner.optimizer.init(PARAMS), PARAMS, HELD))
+    assert h != pytest.approx(one_step, rel=0.1)  # the run is not its last step
+
+
+@pytest.mark.parametrize("horizon", [2.0, 10.0, math.inf])
+def test_forward_mode_damps_the_tangent_by_one_minus_one_over_the_horizon(horizon):
+    """SGD with decoupled decay on the quadratic `½Σaᵢwᵢ²`: `θ⁺ = (1 − η·a − η·λ)θ`, so
+    `Z⁺ = (1 − η·a − η·λ)·μZ − η·λ·θ` with `μ = 1 − 1/H`, by hand."""
+    a = jnp.array([0.5, 2.0, 4.0])
+    lr, lam = 0.1, 0.05
+    opt = wdjax.sgdw(lr, lam, mask=masks.ALL)
+    tuner = Tuner(opt, horizon=horizon)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    state = opt.init(params)
+    t_state = tuner.init(state, params)
+    z, w, mu = np.zeros(3), np.asarray(params["w"]), 1 - 1 / horizon
+    for _ in range(4):
+        value_and_grad = jax.value_and_grad(lambda p: 0.5 * jnp.sum(a * p["w"] ** 2))
+        _, _, updates, state, t_state = tuner.forward(t_state, value_and_grad, state, params)
+        params = optax.apply_updates(params, updates)
+        z, w = (
+            (1 - lr * np.asarray(a) - lr * lam) * mu * z - lr * lam * w,
+            (1 - lr * np.asarray(a) - lr * lam) * w,
+        )
+    np.testing.assert_allclose(t_state.tangent[0]["w"], z, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(params["w"], w, rtol=1e-5)
+
+
+def test_forward_mode_tunes_one_lambda_per_group():
+    """Several names: one tangent each (a leading axis), `h` per name equal to the
+    single-name forward run that tunes that name alone."""
+    opt = _two_groups()
+    both = Tuner(opt, name=("wd_kernel", "wd_bias"), horizon=math.inf)
+    state = opt.init(PARAMS)
+    t_state, p = both.init(state, PARAMS), PARAMS
+    alone = {n: Tuner(opt, name=n, horizon=math.inf) for n in both.names}
+    singles = {n: (t.init(state, PARAMS), state, PARAMS) for n, t in alone.items()}
+    value_and_grad = jax.value_and_grad(_train_loss)
+    for _ in range(3):
+        _, _, updates, state, t_state = both.forward(t_state, value_and_grad, state, p)
+        p = optax.apply_updates(p, updates)
+        for n, t in alone.items():
+            ts, s, q = singles[n]
+            _, _, u, s, ts = t.forward(ts, value_and_grad, s, q)
+            singles[n] = (ts, s, optax.apply_updates(q, u))
+    h = both.contract(t_state, HELD)
+    assert h.shape == (2,)
+    for i, (n, t) in enumerate(alone.items()):
+        assert float(h[i]) == pytest.approx(float(t.contract(singles[n][0], HELD)), rel=1e-5)
+
+
+def test_fit_and_sweep_with_forward_mode(noisy):
+    """On the noisy digits (the benchmark's setting, one seed) the one-step hypergradient
+    sinks λ to its floor while the whole-run one brings it back up, late, as training
+    starts to fit the noise; vmapped in `sweep`, a member equals `fit`."""
+    model = models.create("mlp", input_shape=(8, 8, 1), widths=(128,))
+    opt = wdjax.adamw(1e-2, 1e-4, lr_coupling="schedule", max_learning_rate=1e-2)
+    ends = {}
+    for horizon in (1, math.inf):
+        tuner = Tuner(opt, learning_rate=0.05, bounds=(1e-6, 1.0), horizon=horizon)
+        result = train.fit(model, opt, noisy, epochs=60, batch_size=64, seed=1,
+                           progress=False, tuner=tuner)  # fmt: skip
+        assert all(np.isfinite(h["hypergradient"]) for h in result.history)
+        ends[horizon] = result.history[-1]["weight_decay"]
+    assert ends[1] < 1e-5 and ends[math.inf] > 3e-4
+    found = wdjax.sweep(noisy, model=model, optimizer=opt, weight_decay=[1e-4, 1e-2],
+                        epochs=2, batch_size=64, tuner=tuner, progress=False)  # fmt: skip
+    alone = train.fit(model, opt, noisy, epochs=2, batch_size=64, progress=False, tuner=tuner)
+    want = alone.history[-1]["weight_decay"]
+    assert found.history["weight_decay"][0, -1] == pytest.approx(want, rel=1e-4)

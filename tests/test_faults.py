@@ -1046,6 +1046,8 @@ class TestSelectsNothing:
 # (argv, what the one line says); {file}: an existing file, {empty}: an empty directory
 BAD_ARGS = [
     (["train", "--checkpoint-every", "0"], "expected a value >= 1"),
+    (["train", "--auto-decay-horizon", "0.5"], "expected a value >= 1.0"),
+    (["train", "--auto-decay-horizon", "nan"], "expected a value >= 1.0"),
     (["train", "--momentum", "5", "--optimizer", "sgdw"], "expected a value >= 0.0 and < 1.0"),
     (["train", "--widths", "0"], "expected a value >= 1"),
     (["train", "--widths", "16,-4"], "expected a value >= 1"),

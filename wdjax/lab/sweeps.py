@@ -256,7 +256,7 @@ def _train(
         opt_state = set_hyperparams(state.opt_state, **{h: v[members] for h, v in hyper.items()})
         state = state._replace(opt_state=opt_state)
         if tuner is not None:  # each member's tuner starts from its own λ
-            state = state._replace(tuner=jax.vmap(tuner.init)(opt_state))
+            state = state._replace(tuner=jax.vmap(tuner.init)(opt_state, state.params))
         rows, held = d.member_rows(folds[members])
         state, rows, held = (place(t, "members") for t in (state, rows, held))
         records = []

@@ -79,7 +79,7 @@ def init_state(
     params = fresh if params is None else jax.tree.map(jnp.array, params)  # a copy: donated
     step, skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # distinct buffers
     opt_state = optimizer.init(params)
-    tuned = None if tuner is None else tuner.init(opt_state)
+    tuned = None if tuner is None else tuner.init(opt_state, params)
     return TrainState(step, params, opt_state, model_state, run_key, skipped, tuned)
 
 
@@ -201,12 +201,21 @@ def make_train_step(
         if layout is not None:
             batch = layout.constrain_batch(batch)
         rng = jax.random.fold_in(jax.random.split(state.rng)[1], state.step)
-        (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, state.model_state, batch, rng
-        )
+
+        def value_and_grad(params: Params) -> tuple:
+            grad_fn = jax.value_and_grad(objective, has_aux=True)
+            return grad_fn(params, state.model_state, batch, rng)
+
+        tuned = state.tuner
+        if tuner is not None and tuner.horizon > 1:  # the update and its tangents in λ
+            (total, aux), grads, updates, new_opt_state, tuned = tuner.forward(
+                tuned, value_and_grad, state.opt_state, state.params
+            )
+        else:
+            (total, aux), grads = value_and_grad(state.params)
+            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         model_state, task_metrics = aux.pop("aux")
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(total) & _all_finite(updates)
         ok &= _hyperparams_ok(new_opt_state)
         # a cond, not a select over the new and old states: no copy on the applied path
@@ -215,7 +224,7 @@ def make_train_step(
             ok, apply, skip, (*operand, state.model_state)
         )
         skipped = state.skipped + (~ok).astype(jnp.int32)
-        tuned, extra = state.tuner, {}
+        extra = {}
         if tuner is not None:
             g_held = held_out_grads(params, model_state, held)
 
@@ -225,9 +234,12 @@ def make_train_step(
 
                 return jax.jvp(grad, (params,), (v,))[1]
 
-            h = tuner.hypergradient(grads, state.opt_state, state.params, g_held, hvp)
-            tuned = jax.tree.map(  # scalars: a skipped step leaves λ as it was
-                lambda a, b: jnp.where(ok, a, b), tuner.update(tuned, h), tuned
+            if tuner.horizon > 1:
+                h = tuner.contract(tuned, g_held)
+            else:
+                h = tuner.hypergradient(grads, state.opt_state, state.params, g_held, hvp)
+            tuned = jax.tree.map(  # a skipped step leaves λ and the tangents as they were
+                lambda a, b: jnp.where(ok, a, b), tuner.update(tuned, h), state.tuner
             )
             opt_state = new_opt_state = tuner.apply(tuned, opt_state)
             h, names = tuned.hypergradient, tuner.names
