@@ -431,7 +431,7 @@ def test_lambda_tasks_quick_run(capsys):
         "digits", "digits+noise0.3", "digits+frac0.25", "digits+frac0.25+noise0.3"
     }  # fmt: skip
     for start in results["tuner"]["starts"].values():
-        assert all(0.99e-6 <= lam <= 1.0 for lam in start["final_lambda"])  # float32 bounds
+        assert all(0.99e-6 <= lam <= 1.0 for lam in start["lambda"])  # float32 bounds
     assert "## The hypergradient tuner" in capsys.readouterr().out
 
 

@@ -41,8 +41,9 @@ CASES = {
     ),
     "auto_lambda": (
         [],
-        r"the tuned λ ended at (\S+) from λ₀ = 0.1; the grid chose (\S+)$",
-        lambda tuned, best: 1e-6 <= float(tuned) < 0.1 and float(best) >= 0,
+        r"tuned λs ended at (\S+), (\S+), (\S+), (\S+) \(horizon 1, 1, inf, inf\); "
+        r"the grid chose (\S+)$",
+        lambda *lams: all(1e-6 * 0.99 <= float(x) <= 1 for x in lams[:4]) and float(lams[4]) >= 0,
     ),
     "finetune_l2sp": (
         [],
