@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# the CLI keeps compiled programs in ~/.cache/wdjax by default: not from the tests (the
+# CLI tests that exercise the cache give it a directory of their own)
+os.environ.setdefault("WDJAX_COMPILE_CACHE", "off")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -42,6 +42,25 @@ def test_train_end_to_end_on_digits(tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_second_run_takes_its_programs_from_the_compile_cache(tmp_path):
+    """`--compile-cache DIR`: the first run fills it, the second adds nothing (every
+    program a cache hit) and computes the same; `off` writes nothing."""
+    cache = tmp_path / "cache"
+    argv = ["train", "--epochs", "2", "--widths", "32", "--no-progress"]
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        proc = _wdjax(*argv, "--out", str(out), "--compile-cache", str(cache))
+        assert proc.returncode == 0, proc.stderr
+        runs.append((sorted(p.name for p in cache.iterdir()), (out / "summary.json").read_text()))
+    (first, a), (second, b) = runs
+    assert len(first) >= 3 and second == first
+    assert json.loads(a)["results"] == json.loads(b)["results"]
+    off = tmp_path / "off"
+    proc = _wdjax(*argv, "--out", str(tmp_path / "run2"), "--compile-cache", "off")
+    assert proc.returncode == 0 and not off.exists()
+
+
 def test_resume_continues_where_a_run_stopped(tmp_path):
     common = [
         "train",

@@ -85,6 +85,22 @@ def test_digits_shapes_ranges_and_disjoint_split():
     assert "train 1258, val 180, test 359" in ds.summary()
 
 
+def test_digits_read_directly_equal_scikit_learns_loader(monkeypatch):
+    """The bundled CSV read without importing scikit-learn is `load_digits` exactly,
+    images and labels; without the file, `load_digits` itself is used."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    direct = data.load("digits")
+    monkeypatch.setattr(data.pathlib.Path, "is_file", lambda self: False)
+    through = data.load("digits")
+    for a, b in zip(direct.arrays("train").values(), through.arrays("train").values()):
+        np.testing.assert_array_equal(a, b)
+    table = data._digits_table()
+    np.testing.assert_array_equal(table[:, :64], bunch.data)
+    np.testing.assert_array_equal(table[:, 64], bunch.target)
+
+
 def test_digits_split_is_stratified():
     ds = data.load("digits", val_fraction=0.25, test_fraction=0.25)
     counts = [np.bincount(y, minlength=10) for y in (ds.y_train, ds.y_val, ds.y_test)]

@@ -1047,6 +1047,7 @@ class TestSelectsNothing:
 BAD_ARGS = [
     (["train", "--checkpoint-every", "0"], "expected a value >= 1"),
     (["train", "--auto-decay-horizon", "0.5"], "expected a value >= 1.0"),
+    (["train", "--compile-cache", "/proc/version/cache"], "--compile-cache /proc/version/cache"),
     (["train", "--auto-decay-horizon", "nan"], "expected a value >= 1.0"),
     (["train", "--momentum", "5", "--optimizer", "sgdw"], "expected a value >= 0.0 and < 1.0"),
     (["train", "--widths", "0"], "expected a value >= 1"),

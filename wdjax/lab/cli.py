@@ -191,6 +191,27 @@ def _start_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize(*(() if given in (None, "auto") else given))
 
 
+def _user_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "wdjax", "jax")
+
+
+def _compile_cache(args: argparse.Namespace) -> None:
+    """Compiled programs are kept in `--compile-cache` across runs (unless `off`), so a
+    second run of the same configuration compiles nothing."""
+    where = getattr(args, "compile_cache", "off")
+    if where == "off":
+        return
+    if "://" not in where:
+        try:
+            os.makedirs(where, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--compile-cache {where}: {e.strerror or e}") from None
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _writer() -> bool:
     """Only process 0 writes files and prints reports."""
     return jax.process_index() == 0
@@ -326,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(run=run)
         p.add_argument("--debug", action="store_true", help="show tracebacks, not one line")
+        p.add_argument(
+            "--compile-cache",
+            default=os.environ.get("WDJAX_COMPILE_CACHE")
+            or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            or _user_cache(),
+            help="JAX's persistent compilation cache: a directory (or URL), or off "
+            "(default: $WDJAX_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR, else "
+            "%(default)s)",
+        )
         _model_options(p)
         _data_options(p)
         if training:
@@ -440,6 +470,7 @@ def _out_dir(path: str) -> tuple[pathlib.Path, checkpoint.DirectoryLock | None]:
 _NOT_COMPUTATION = (
     "out", "resume", "no_progress", "epochs", "new_hyperparams", "debug",
     "distributed", "mesh", "fsdp_min_bytes", "checkpoint_dir",  # a resume may change the layout
+    "compile_cache",
 )  # fmt: skip
 _HYPERPARAMS = {"lr": "learning_rate", "weight_decay": "weight_decay", "l1": "l1"}
 
@@ -720,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_background_errors()
     try:
         args = parser.parse_args(argv)
+        _compile_cache(args)
         _start_distributed(args)
         return args.run(args)
     except KeyboardInterrupt:

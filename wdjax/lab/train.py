@@ -448,16 +448,14 @@ def fit(
         )
     steps_per_epoch = n // batch_size
     total = epochs * steps_per_epoch
-    step = make_train_step(
-        task, optimizer, penalties=penalties, mask=mask, layout=layout, tuner=tuner
-    )
     key = jax.random.PRNGKey(seed)
     state, shardings = init_state_on(layout, task, optimizer, key, params, tuner)
     val_data = _place(layout, val_data)
     if feed == "device":
         train_data = _place(layout, train_data)
     held = val_data if tuner is not None else None
-    run = _Runner(step, shardings, layout, batch_size, unroll=not scan)
+    run = _runner(task, optimizer, tuple(penalties), mask, layout, tuner, shardings, batch_size,
+                  not scan)  # fmt: skip
 
     history: list[dict[str, float]] = []
     pending: list[Metrics] = []
@@ -536,6 +534,54 @@ def _place(layout: Layout | None, data: Batch) -> Batch:
     if layout is None:
         return jax.tree.map(jnp.asarray, data)
     return layout.put(data, layout.replicated(data))
+
+
+def _runner(
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    penalties: tuple[Penalty, ...],
+    mask: Mask,
+    layout: Layout | None,
+    tuner: Tuner | None,
+    shardings: Any,
+    batch_size: int,
+    unroll: bool,
+) -> _Runner:
+    """The `_Runner` for this configuration, shared by every `fit` call with the same
+    (identical) task, optimizer, penalties, mask, layout and tuner, the same state
+    shardings and batch size: a second such call compiles nothing. A configuration
+    that cannot be hashed (a mask given as a pytree) gets a runner of its own."""
+    leaves, treedef = jax.tree.flatten(shardings)
+    key = (task, optimizer, penalties, mask, layout, tuner, tuple(leaves), treedef, batch_size,
+           unroll)  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:
+        return _new_runner(*key[:6], shardings, batch_size, unroll)
+    return _cached_runner(key)
+
+
+def _new_runner(
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    penalties: tuple[Penalty, ...],
+    mask: Mask,
+    layout: Layout | None,
+    tuner: Tuner | None,
+    shardings: Any,
+    batch_size: int,
+    unroll: bool,
+) -> _Runner:
+    step = make_train_step(
+        task, optimizer, penalties=penalties, mask=mask, layout=layout, tuner=tuner
+    )
+    return _Runner(step, shardings, layout, batch_size, unroll)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_runner(key: tuple) -> _Runner:
+    leaves, treedef = key[6:8]
+    return _new_runner(*key[:6], jax.tree.unflatten(treedef, leaves), *key[8:])
 
 
 class _Runner:
