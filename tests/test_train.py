@@ -191,3 +191,56 @@ def test_cnn_reaches_95_percent_on_real_mnist():
         model, result.state.params, result.state.model_state, ds.x_test, ds.y_test
     )
     assert test["accuracy"] >= 0.95, test
+
+
+def test_weight_metrics_once_an_epoch_equal_the_last_steps(digits, small_mlp):
+    """`fit` computes weight norms and zero fraction from each epoch's last params (no
+    pass over the params a step); they equal the last step's values of
+    `weight_metrics="step"`, and only that mode shows them per step."""
+    opt = wdjax.adamw(1e-2, 1e-2, l1=1e-3)
+    runs = {}
+    for mode in ("epoch", "step"):
+        seen: list = []
+        result = train.fit(
+            small_mlp,
+            opt,
+            digits,
+            epochs=2,
+            batch_size=128,
+            progress=False,
+            weight_metrics=mode,
+            on_epoch=lambda r, s, seen=seen: seen.append(s),
+        )
+        runs[mode] = (result.history, seen)
+    (lean, lean_steps), (full, full_steps) = runs["epoch"], runs["step"]
+    for a, b in zip(lean, full, strict=True):
+        for k in ("weight_norm", "weight_norm_decayed", "weight_norm_other", "zero_fraction"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6)
+    assert lean[-1]["zero_fraction"] > 0  # the L1 step made zeros: a real value
+    assert "weight_norm" not in lean_steps[0] and len(full_steps[0]["weight_norm"]) > 1
+    with pytest.raises(ValueError, match="weight_metrics must be"):
+        train.fit(small_mlp, opt, digits, epochs=1, progress=False, weight_metrics="never")
+
+
+def test_a_second_fit_reuses_the_compiled_programs(digits, small_mlp):
+    """Same task, optimizer and shapes: the second `fit` traces nothing new (its runner
+    is shared) and computes the same run."""
+    opt = wdjax.adamw(1e-2, 1e-3)
+    first = train.fit(small_mlp, opt, digits, epochs=1, batch_size=128, progress=False)
+    traces = []
+    original = train.run_steps
+
+    def spy(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    train.run_steps = spy
+    try:
+        again = train.fit(small_mlp, opt, digits, epochs=1, batch_size=128, progress=False)
+        other = train.fit(small_mlp, wdjax.adamw(1e-2, 1e-3), digits, epochs=1, batch_size=128,
+                          progress=False)  # fmt: skip
+    finally:
+        train.run_steps = original
+    assert len(traces) == 1  # only the fresh optimizer object was traced
+    for run in (again, other):
+        np.testing.assert_allclose(run.history[-1]["loss"], first.history[-1]["loss"], rtol=1e-6)

@@ -149,6 +149,7 @@ def make_train_step(
     mask: Mask = masks.DEFAULT,
     layout: Layout | None = None,
     tuner: Tuner | None = None,
+    weight_metrics_each_step: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `step(state, batch) -> (state, metrics)` (not jitted: jit it, scan it
     or vmap it; [`fit`][wdjax.lab.train.fit] does all three as needed):
@@ -171,6 +172,9 @@ def make_train_step(
 
     `layout`: each batch is constrained to its data-parallel sharding, and the loss is
     computed in its `compute_dtype` (see [`wdjax.distributed.Layout`][]).
+
+    `weight_metrics_each_step=False` leaves out the weight norms and zero fraction, which
+    read every parameter (a pass over memory a step); `fit` computes them once an epoch.
 
     `tuner` (a [`wdjax.hypergradient.Tuner`][]): `batch` is then `(train, held_out)`;
     after an applied update, the held-out loss's gradient at the new params drives one
@@ -259,7 +263,11 @@ def make_train_step(
             **aux,
             **task_metrics,
             "grad_norm": grad_norm,
-            **weight_metrics(new_state.params, masks.resolve(new_state.params, mask)),
+            **(
+                weight_metrics(new_state.params, masks.resolve(new_state.params, mask))
+                if weight_metrics_each_step
+                else {}
+            ),
             "learning_rate": hyperparam(new_opt_state, "learning_rate"),
             "weight_decay": hyperparam(new_opt_state, "weight_decay"),
             "decay_factor": decay_factor(new_opt_state),
@@ -391,6 +399,7 @@ def fit(
     layout: Layout | None = None,
     feed: Literal["device", "host"] = "device",
     tuner: Tuner | None = None,
+    weight_metrics: Literal["epoch", "step"] = "epoch",
 ) -> FitResult:
     """Train `model` (a [`Task`][wdjax.lab.tasks.Task] or a reference Model) on
     `data` (a [`wdjax.lab.data.Dataset`][] or `(train, val)` arrays) for `epochs`.
@@ -421,6 +430,11 @@ def fit(
     figures are no longer untouched by training; the test split is). The history then
     records λ (`weight_decay`) and the `hypergradient`.
 
+    `weight_metrics`: the weight norms and zero fraction, which read every parameter,
+    are computed once an epoch from its last params (`"epoch"`, the values the history
+    records either way) or by every step too (`"step"`: in the per-step metrics that
+    `on_epoch` sees, at the cost of a pass over the params a step).
+
     `scan=False` dispatches the steps one by one (asynchronously: still no host round
     trip per step) instead of one `lax.scan` per stretch: for models whose backward
     pass XLA:CPU runs slowly inside a loop, such as plain `lax` convolutions
@@ -435,6 +449,8 @@ def fit(
         )
     if layout is not None and layout.size("members") > 1:
         raise ValueError("a layout's members axis is for sweeps; fit uses data, fsdp, model")
+    if weight_metrics not in ("epoch", "step"):
+        raise ValueError(f"weight_metrics must be 'epoch' or 'step', got {weight_metrics!r}")
     if feed not in ("device", "host"):
         raise ValueError(f"feed must be 'device' or 'host', got {feed!r}")
     task = as_task(model)
@@ -454,8 +470,9 @@ def fit(
     if feed == "device":
         train_data = _place(layout, train_data)
     held = val_data if tuner is not None else None
-    run = _runner(task, optimizer, tuple(penalties), mask, layout, tuner, shardings, batch_size,
-                  not scan)  # fmt: skip
+    each_step = weight_metrics == "step"
+    run = _runner(task, optimizer, tuple(penalties), mask, layout, tuner, each_step, shardings,
+                  batch_size, not scan)  # fmt: skip
 
     history: list[dict[str, float]] = []
     pending: list[Metrics] = []
@@ -486,7 +503,9 @@ def fit(
             per_step = _host(pending)
             pending = []
             _check_hyperparams(per_step, done - steps_per_epoch)
-            record = epoch_record(task, state, val_data, per_step, done // steps_per_epoch)
+            record = epoch_record(
+                task, state, val_data, per_step, done // steps_per_epoch, mask=mask
+            )
             if note:
                 record, note = record | {"hyperparams_set": note}, None
             history.append(record)
@@ -543,6 +562,7 @@ def _runner(
     mask: Mask,
     layout: Layout | None,
     tuner: Tuner | None,
+    each_step: bool,
     shardings: Any,
     batch_size: int,
     unroll: bool,
@@ -552,12 +572,12 @@ def _runner(
     shardings and batch size: a second such call compiles nothing. A configuration
     that cannot be hashed (a mask given as a pytree) gets a runner of its own."""
     leaves, treedef = jax.tree.flatten(shardings)
-    key = (task, optimizer, penalties, mask, layout, tuner, tuple(leaves), treedef, batch_size,
-           unroll)  # fmt: skip
+    key = (task, optimizer, penalties, mask, layout, tuner, each_step, tuple(leaves), treedef,
+           batch_size, unroll)  # fmt: skip
     try:
         hash(key)
     except TypeError:
-        return _new_runner(*key[:6], shardings, batch_size, unroll)
+        return _new_runner(*key[:7], shardings, batch_size, unroll)
     return _cached_runner(key)
 
 
@@ -568,20 +588,22 @@ def _new_runner(
     mask: Mask,
     layout: Layout | None,
     tuner: Tuner | None,
+    each_step: bool,
     shardings: Any,
     batch_size: int,
     unroll: bool,
 ) -> _Runner:
     step = make_train_step(
-        task, optimizer, penalties=penalties, mask=mask, layout=layout, tuner=tuner
-    )
+        task, optimizer, penalties=penalties, mask=mask, layout=layout, tuner=tuner,
+        weight_metrics_each_step=each_step,
+    )  # fmt: skip
     return _Runner(step, shardings, layout, batch_size, unroll)
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_runner(key: tuple) -> _Runner:
-    leaves, treedef = key[6:8]
-    return _new_runner(*key[:6], jax.tree.unflatten(treedef, leaves), *key[8:])
+    leaves, treedef = key[7:9]
+    return _new_runner(*key[:7], jax.tree.unflatten(treedef, leaves), *key[9:])
 
 
 class _Runner:
@@ -694,16 +716,31 @@ LAST = (
 )
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _weight_metrics_now(params: Params, decayed: tuple[bool, ...]) -> Metrics:
+    return weight_metrics(params, decayed)
+
+
 def epoch_record(
-    model: Task | Any, state: TrainState, val: Any, per_step: dict, epoch: int
+    model: Task | Any,
+    state: TrainState,
+    val: Any,
+    per_step: dict,
+    epoch: int,
+    mask: Mask | None = None,
 ) -> dict[str, float]:
     """One epoch's history record: step-metric means (last values for
     [`LAST`][wdjax.lab.train.LAST]) and the validation metrics as `val_<name>`. `val`:
-    arrays, or a Dataset (its val split)."""
+    arrays, or a Dataset (its val split). With a `mask`, the weight metrics of the
+    state's params (the last step's values, when the steps did not record them)."""
     val = val.arrays("val") if hasattr(val, "arrays") else val
     scores = evaluate(model, state.params, state.model_state, val)
     means = {k: float(np.mean(v)) for k, v in per_step.items()}
     last = {k: float(per_step[k][-1]) for k in LAST if k in per_step}
+    if mask is not None and "weight_norm" not in per_step:
+        decayed = tuple(masks.resolve(state.params, mask))
+        now = jax.device_get(_weight_metrics_now(state.params, decayed))
+        last |= {k: float(v) for k, v in now.items()}
     return {
         "epoch": epoch,
         "step": int(state.step),
