@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from benchmarks import common
 from benchmarks.report import code, num, table, yes
 from benchmarks.timing import interleaved, log
@@ -13,79 +15,121 @@ TITLE = "2. Training throughput vs PyTorch"
 TARGET = 1.0
 
 
+def _matmul_gflops(n: int = 2048) -> float:
+    """XLA's f32 matmul rate on this machine: best of 5 calls of an n×n product."""
+    import jax
+
+    a = jax.device_put(np.random.default_rng(0).random((n, n), np.float32))
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(10))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_flops(model: Any, opt: Any, batch_size: int) -> float:
+    """FLOPs of one library train step, as XLA counts them in the compiled program."""
+    import jax
+
+    from wdjax.lab import train
+
+    step = jax.jit(train.make_train_step(model, opt, weight_metrics_each_step=False))
+    state = train.init_state(model, opt, jax.random.PRNGKey(0))
+    cost = step.lower(state, jax.device_put(common.batch(batch_size))).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
 def run(cfg: Any) -> dict[str, Any]:
     have_torch = common.torch_available()
+    policies = {"": "default", "PASSIVE": "passive"}
     out: dict[str, Any] = {
-        "what": f"images/s at batch {cfg.batch_size}, AdamW, no decay on biases. jax_step: one "
-        "jitted library step per call (metrics included; what fit(scan=False) dispatches); "
-        f"jax_scan: train.run_steps (one lax.scan over {cfg.scan_length} steps, as fit runs an "
-        "epoch). The CNN is wdjax's, with wdjax.lab.ops' convolution and max-pool. torch_eager / "
-        "torch_compile: the same architecture in PyTorch (NCHW), "
-        f"torch.set_num_threads({common.TORCH_THREADS}); torch_eager_1thread: one thread, for "
-        "reference. The best PyTorch figure is the fastest of all torch contenders.",
+        "what": f"images/s at batch {cfg.batch_size}, AdamW, no decay on biases, every step on "
+        f"a fresh batch drawn from the same {cfg.scan_length} batches of data. jax_scan: "
+        f"train.run_steps (one lax.scan over {cfg.scan_length} steps, as fit runs an epoch; "
+        "the CNN with wdjax.lab.ops' convolution and max-pool). torch_*: the same architecture "
+        "in PyTorch (NCHW), eager or torch.compile, "
+        f"torch.set_num_threads({common.TORCH_THREADS}), each in a process of its own with "
+        "PyTorch's default OpenMP wait policy (active spinning: fastest on idle cores, "
+        "collapses when another process holds a core) or OMP_WAIT_POLICY=PASSIVE (threads "
+        "sleep: robust on shared cores, slower on idle ones); each worker times its own "
+        "steps, and its threads get 50 ms to settle before the next contender. The best "
+        "PyTorch figure, the fastest of all, is the reference. Roofline: XLA's FLOP count of "
+        "one step times steps/s, over the machine's matmul peak (the faster of XLA's and "
+        "PyTorch's 2048² f32 matmul, measured in this run): a train step of small layers "
+        "cannot reach it, so the fraction says how far from the compute limit each one is.",
         "target": f"best wdjax / best PyTorch >= {TARGET}",
         "torch_threads": common.TORCH_THREADS,
         "torch_compile": bool(have_torch and cfg.torch_compile),
         "models": {},
     }
-    B, L = cfg.batch_size, cfg.scan_length
-    for name in cfg.models:
-        model = common.create_model(name)
-        data = common.batch(B)
-        opt = common.wdjax_optimizer
-        contenders: dict[str, Any] = {  # contender -> (run, steps per call)
-            "jax_step": (common.wdjax_step(model, opt(), data), 1),
-            "jax_scan": (common.scanned_steps(model, opt(), B, L), L),
-        }
-        compile_s: dict[str, float] = {}
-        if have_torch:
-            kinds = [("torch_eager", False, common.TORCH_THREADS)]
-            if cfg.torch_compile:
-                kinds.append(("torch_compile", True, common.TORCH_THREADS))
-            if not cfg.quick:  # for reference: on a loaded 2-core machine one thread can win
-                kinds.append(("torch_eager_1thread", False, 1))
-            for label, compiled, threads in kinds:
-                fn = common.torch_step(name, data, compiled=compiled, threads=threads)
-                t0 = time.perf_counter()
-                fn()
-                compile_s[label] = time.perf_counter() - t0
-                contenders[label] = (fn, 1)
-        steps_per_call = {k: v[1] for k, v in contenders.items()}
-        # each timed sample covers about L steps (one call of a longer scan)
-        calls = {k: max(1, L // v) for k, v in steps_per_call.items()}
-        wrapped = {
-            k: (lambda f=f, n=calls[k]: [f() for _ in range(n)]) for k, (f, _) in contenders.items()
-        }
-        res = interleaved(wrapped, rounds=cfg.throughput_rounds[name], warmup=1)
-        per_s = {}
-        for k, r in res.items():
-            imgs = B * steps_per_call[k] * calls[k]
-            per_s[k] = {
-                **r,
-                "images_per_s": imgs / r["median_s"],
-                "images_per_s_q1": imgs / r["q3_s"],  # slower quartile
-                "images_per_s_q3": imgs / r["q1_s"],
-                "images_per_s_best": imgs / r["min_s"],
-                "steps_per_sample": steps_per_call[k] * calls[k],
-            }
-        entry: dict[str, Any] = {"contenders": per_s, "first_call_s": compile_s}
-        jax_best = max(("jax_step", "jax_scan"), key=lambda k: per_s[k]["images_per_s"])
-        torch_names = [k for k in per_s if k.startswith("torch")]
-        if torch_names:
-            best_torch = max(torch_names, key=lambda k: per_s[k]["images_per_s"])
-            tb = per_s[best_torch]["images_per_s"]
-            entry["best_torch"] = best_torch
-            entry["ratios"] = {
-                f"{k}/{best_torch}": v["images_per_s"] / tb
-                for k, v in per_s.items()
-                if k.startswith("jax")
-            }
-            entry["best_jax"] = jax_best
-            entry["ratio_library"] = per_s[jax_best]["images_per_s"] / tb
-            entry["met"] = entry["ratio_library"] >= TARGET
-        log(f"throughput {name}, images/s", per_s, lambda v: num(v["images_per_s"], ".0f"))
-        out["models"][name] = entry
+    peak = {"jax_matmul_gflops": _matmul_gflops()}  # before any worker starts
+    workers: dict[str, Any] = {}
+    if have_torch:
+        kinds = [(False, p) for p in policies] + [(True, p) for p in policies]
+        for compiled, policy in kinds if cfg.torch_compile else kinds[:2]:
+            label = f"torch_{'compile' if compiled else 'eager'}_{policies[policy]}"
+            workers[label] = (common.TorchWorker(policy), compiled)
+    if workers:  # every worker in turn, once all have started: the best
+        rates = [w.ask(flops_probe=True)["matmul_gflops"] for w, _ in workers.values()]
+        peak["torch_matmul_gflops"] = max(rates)
+    peak["peak_gflops"] = max(peak.values())
+    out["peak"] = peak
+    try:
+        for name in cfg.models:
+            out["models"][name] = _one_model(cfg, name, workers, peak["peak_gflops"])
+    finally:
+        for w, _ in workers.values():
+            w.close()
     return out
+
+
+def _one_model(cfg: Any, name: str, workers: dict, peak_gflops: float) -> dict[str, Any]:
+    B, L = cfg.batch_size, cfg.scan_length
+    model = common.create_model(name)
+    opt = common.wdjax_optimizer
+    scan = common.scanned_steps(model, opt(), B, L)
+    contenders: dict[str, Any] = {"jax_scan": lambda: _timed(scan)}
+    first_call: dict[str, float] = {}
+    for label, (worker, compiled) in workers.items():
+        got = worker.ask(model=name, batch_size=B, length=L, compiled=compiled,
+                         threads=common.TORCH_THREADS)  # fmt: skip
+        first_call[label] = got["first_call_s"]
+        contenders[label] = lambda w=worker: w.ask(steps=L)["seconds"]
+    res = interleaved(contenders, rounds=cfg.throughput_rounds[name], warmup=1, self_timed=True)
+    flops = step_flops(model, opt(), B)
+    per_s = {}
+    for k, r in res.items():
+        imgs = B * L
+        per_s[k] = {
+            **r,
+            "images_per_s": imgs / r["median_s"],
+            "images_per_s_q1": imgs / r["q3_s"],  # slower quartile
+            "images_per_s_q3": imgs / r["q1_s"],
+            "images_per_s_best": imgs / r["min_s"],
+            "steps_per_sample": L,
+            "gflops": flops * L / r["median_s"] / 1e9,
+            "fraction_of_peak": flops * L / r["median_s"] / 1e9 / peak_gflops,
+        }
+    entry: dict[str, Any] = {"contenders": per_s, "first_call_s": first_call,
+                             "step_gflop": flops / 1e9}  # fmt: skip
+    torch_names = [k for k in per_s if k.startswith("torch")]
+    if torch_names:
+        best_torch = max(torch_names, key=lambda k: per_s[k]["images_per_s"])
+        tb = per_s[best_torch]["images_per_s"]
+        entry["best_torch"] = best_torch
+        entry["best_jax"] = "jax_scan"
+        entry["ratios"] = {f"jax_scan/{k}": per_s["jax_scan"]["images_per_s"] /
+                           per_s[k]["images_per_s"] for k in torch_names}  # fmt: skip
+        entry["ratio_library"] = per_s["jax_scan"]["images_per_s"] / tb
+        entry["met"] = entry["ratio_library"] >= TARGET
+    log(f"throughput {name}, images/s", per_s, lambda v: num(v["images_per_s"], ".0f"))
+    return entry
 
 
 def summary(s: dict[str, Any]) -> list[list[str]]:
@@ -111,6 +155,8 @@ def _rows(e: dict[str, Any]) -> list[list[str]]:
             f"{num(r['images_per_s_q1'], '.0f')}–{num(r['images_per_s_q3'], '.0f')}",
             num(r["images_per_s_best"], ".0f"),
             str(r["rounds"]),
+            num(r.get("gflops"), ".1f"),
+            num(r.get("fraction_of_peak"), ".2f"),
             num(r["images_per_s"] / best["images_per_s"]) if best else "–",
         ]
         for k, r in e["contenders"].items()
@@ -121,9 +167,19 @@ def render(s: dict[str, Any]) -> str:
     out = [f"## {TITLE}", s["what"], f"Target: {s['target']}."]
     if not s.get("torch_compile"):
         out.append("(`torch.compile` skipped in this run.)")
+    if "peak" in s:
+        p = s["peak"]
+        out.append(
+            f"Machine peak (f32 matmul, 2048²): XLA {num(p['jax_matmul_gflops'], '.1f')} "
+            f"GFLOP/s, PyTorch {num(p.get('torch_matmul_gflops'), '.1f')} GFLOP/s; peak = "
+            f"{num(p['peak_gflops'], '.1f')} GFLOP/s."
+        )
     for name, e in s["models"].items():
-        head = ["contender", "images/s (median)", "IQR", "best round", "rounds"]
+        head = ["contender", "images/s (median)", "IQR", "best round", "rounds", "GFLOP/s",
+                "of peak"]  # fmt: skip
         out += [f"### {name.upper()}", table([*head, f"× `{e.get('best_torch')}`"], _rows(e))]
+        if "step_gflop" in e:
+            out.append(f"One train step: {num(e['step_gflop'], '.3f')} GFLOP (XLA's count).")
         if e.get("first_call_s"):
             out.append(
                 "First call (PyTorch compile / warm-up): "

@@ -1,6 +1,5 @@
 """Shared pieces of the benchmarks: the environment record, the reference models and
-batches, the hand-written Optax and PyTorch contenders, and the library's step without its
-per-step weight metrics (a contrast the library does not offer)."""
+batches, the library's step and the hand-written Optax and PyTorch contenders."""
 
 from __future__ import annotations
 
@@ -23,8 +22,6 @@ INPUT_SHAPE = (28, 28, 1)
 MLP_WIDTHS = (512, 512)
 LR, WD, L1 = 1e-3, 1e-4, 1e-5
 TORCH_THREADS = 2  # what XLA's CPU client uses here: one thread per core
-# what make_train_step_without_weight_metrics drops from the library step's metrics
-WEIGHT_METRICS = ("weight_norm", "weight_norm_decayed", "weight_norm_other", "zero_fraction")
 
 
 # ---------------------------------------------------------------- environment
@@ -121,20 +118,22 @@ def kernel_mask(params: Any) -> Any:
     return jax.tree.map(lambda w: w.ndim >= 2, params)
 
 
-def wdjax_optimizer() -> optax.GradientTransformation:
-    """Masked decoupled decay + L1 proximal, all hyperparameters traced."""
-    return wdjax.adamw(LR, WD, l1=L1)
+def wdjax_optimizer(l1: bool = False) -> optax.GradientTransformation:
+    """Masked decoupled decay (the maths of ``optax.adamw(mask=kernels)``), all
+    hyperparameters traced; ``l1=True`` adds the L1 proximal step (which Optax lacks)."""
+    return wdjax.adamw(LR, WD, l1=L1 if l1 else None)
 
 
 # ---------------------------------------------------------------- JAX contenders
 
 
 def wdjax_step(
-    model: Any, opt: optax.GradientTransformation, data: dict, make_step=None
+    model: Any, opt: optax.GradientTransformation, data: dict, weight_metrics: bool = False
 ) -> Callable[[], Any]:
-    """The library's train step (metrics and all), jitted with the state donated."""
-    make_step = make_step or train.make_train_step
-    step = jax.jit(make_step(model, opt), donate_argnums=0)
+    """The library's train step as ``fit`` runs it (its metrics, the skip of non-finite
+    steps; per-step weight norms only with ``weight_metrics``), jitted, state donated."""
+    step = train.make_train_step(model, opt, weight_metrics_each_step=weight_metrics)
+    step = jax.jit(step, donate_argnums=0)
     b = jax.device_put(data)
     box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
 
@@ -200,7 +199,7 @@ def scanned_steps(
     """``length`` library steps as one ``lax.scan`` over device-resident data, as ``fit``
     runs them (``train.run_steps``, state donated): one call is one epoch of
     ``batch_size * length`` random examples."""
-    step = train.make_train_step(model, opt)
+    step = train.make_train_step(model, opt, weight_metrics_each_step=False)
     run_steps = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
     data = jax.device_put(batch(batch_size, n=batch_size * length))
     box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
@@ -210,21 +209,6 @@ def scanned_steps(
         return jax.block_until_ready((box[0], metrics))
 
     return run
-
-
-def make_train_step_without_weight_metrics(
-    model: Any, optimizer: optax.GradientTransformation, **kwargs: Any
-) -> Callable[[train.TrainState, dict], tuple[train.TrainState, dict]]:
-    """``train.make_train_step(model, optimizer, **kwargs)`` minus :data:`WEIGHT_METRICS`:
-    XLA never computes them (dead code), so this measures what they cost per step. A
-    contrast, not a library option (``fit``'s epoch records use their last value)."""
-    step = train.make_train_step(model, optimizer, **kwargs)
-
-    def lean(state: train.TrainState, batch: dict) -> tuple[train.TrainState, dict]:
-        state, metrics = step(state, batch)
-        return state, {k: v for k, v in metrics.items() if k not in WEIGHT_METRICS}
-
-    return lean
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -264,15 +248,13 @@ def torch_model(name: str):
     )
 
 
-def torch_step(
-    name: str, data: dict, *, compiled: bool, threads: int = TORCH_THREADS
-) -> Callable[[], Any]:
-    """PyTorch AdamW (no decay on biases) on the same architecture and batch (NCHW),
-    run with ``threads`` intra-op threads (set before every call)."""
+def torch_epoch(name: str, data: dict, batch_size: int, compiled: bool) -> Callable[[int], Any]:
+    """PyTorch AdamW (no decay on biases) on the same architecture and data (NCHW):
+    ``run(k)`` takes ``k`` steps, each on a fresh batch drawn by a random permutation of
+    the examples (the indexing is part of the step, as in ``fit``), and waits for them."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torch_model(name)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -282,18 +264,61 @@ def torch_step(
     )
     x = torch.from_numpy(np.ascontiguousarray(data["x"].transpose(0, 3, 1, 2)))
     y = torch.from_numpy(data["y"].astype(np.int64))
+    n = len(y)
 
-    def step():
+    def step(idx):
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
         return loss
 
     fn = torch.compile(step) if compiled else step
 
-    def run():
-        torch.set_num_threads(threads)
-        return float(fn().detach())
+    def run(k: int) -> float:
+        order = torch.randperm(n)
+        loss = None
+        for i in range(k):
+            j = i % (n // batch_size)
+            loss = fn(order[j * batch_size : (j + 1) * batch_size])
+        return float(loss.detach())
 
     return run
+
+
+class TorchWorker:
+    """A :mod:`benchmarks.torch_worker` process: PyTorch with the OpenMP wait ``policy``
+    (``""``: PyTorch's default, active spinning; ``"PASSIVE"``), ``TORCH_THREADS``
+    threads. ``steps(k)`` returns the worker's own time for ``k`` steps; after each call
+    the parent sleeps ``settle`` seconds, so spinning threads do not run into the next
+    contender's time."""
+
+    def __init__(self, policy: str, settle: float = 0.05) -> None:
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_worker.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=env,
+        )  # fmt: skip
+        self.settle = settle
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        import json
+        import time
+
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torch worker died (exit {self.proc.wait()})")
+        time.sleep(self.settle)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)

@@ -161,17 +161,32 @@ def header(meta: Mapping[str, Any]) -> str:
             f"wdjax {v['wdjax']}",
             f"* threads: XLA's CPU client uses one thread per core ({meta['cpu_count']}); "
             f"PyTorch runs with `torch.set_num_threads({meta['torch_threads']})` to match",
-            f"* XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`; OMP_WAIT_POLICY for PyTorch: "
-            f"`{meta.get('omp_wait_policy') or '(unset)'}` (with the default active spinning, "
-            "PyTorch's two OpenMP threads stall whenever another process holds a core: on this "
-            "shared machine its 2-thread MLP step went from ~25 ms to ~250–400 ms)",
+            f"* XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`; OMP_WAIT_POLICY: section 2 "
+            "runs PyTorch in processes of its own under both its default (active spinning) "
+            "and `PASSIVE`, and reports both; the other sections' in-process PyTorch runs "
+            f"with `{meta.get('omp_wait_policy') or '(unset)'}` (with active spinning, "
+            "PyTorch's OpenMP threads stall whenever another process holds a core)",
             f"* load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end "
             f"{meta.get('loadavg_end')}: this machine is shared; other processes' load makes "
             "single timings noisy, which is why every comparison is interleaved and the spread "
             "is shown.",
             f"* results: `{_relative(meta.get('json_path', ''))}`",
+            *(f"* re-measured: {k}: {v}" for k, v in meta.get("remeasured", {}).items()),
+            *_other_machines(meta),
         ]
     )
+
+
+def _other_machines(meta: Mapping[str, Any]) -> list[str]:
+    """One line per table kept from another machine (`results/<machine>-<date>.md`)."""
+    here = os.path.join(HERE, "results")
+    kept = sorted(f for f in os.listdir(here) if f.endswith(".md"))
+    mine = meta.get("device_slug", "")
+    return [
+        f"* another machine's table: [{f[:-3]}](results/{f})"
+        for f in kept
+        if not f.startswith(mine + "-") or not mine
+    ]
 
 
 def render(results: Mapping[str, Any]) -> str:

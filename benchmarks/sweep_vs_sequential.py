@@ -130,8 +130,8 @@ def epoch_anatomy(
         opt_state=wdjax.set_hyperparams(stacked.opt_state, weight_decay=np.array(weight_decays))
     )
     steps = {
-        "library_step": train.make_train_step(model, opt),
-        "without_weight_metrics": common.make_train_step_without_weight_metrics(model, opt),
+        "library_step": train.make_train_step(model, opt, weight_metrics_each_step=False),
+        "with_weight_metrics": train.make_train_step(model, opt),
         "minimal_step": _plain_step(model, opt),
     }
     contenders = {}
@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     # The same training, not a different run: the sweep's K-wide program rounds differently in
     # the last bits (tests/test_sweep.py); over many Adam steps that grows (~4e-6 after 1-3
-    # epochs here, up to ~1e-3 after 10), while the final validation accuracies agree.
-    assert diffs["sequential_vs_fit"] < 1e-6 and diffs["sweep_vs_fit"] < 1e-2, diffs
+    # epochs here; after 10, ~1e-3 on an AMD EPYC and 3e-2 on an Intel Xeon, 2026-11-24),
+    # while the final validation accuracies agree.
+    assert diffs["sequential_vs_fit"] < 1e-6 and diffs["sweep_vs_fit"] < 1e-1, diffs
     assert diffs["sweep_vs_fit_val_accuracy"] <= 1.5 / len(ds.y_val), diffs
 
     anatomy = (

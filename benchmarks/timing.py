@@ -32,13 +32,16 @@ def interleaved(
     rounds: int,
     number: int = 1,
     warmup: int = 2,
+    self_timed: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Time each contender ``rounds`` times, ``number`` calls per sample, interleaved.
 
     Each ``fn()`` must do one unit of work *and wait for it* (``block_until_ready``).
     Every contender is called ``warmup`` times first (compilation, caches). The order
     within a round rotates, so no contender always runs right after another one.
-    Returns ``{name: summarize(per-call seconds)}``."""
+    ``self_timed``: each ``fn()`` returns the seconds its work took (a contender in
+    another process times itself; what it does after, such as letting its threads
+    settle, is not counted). Returns ``{name: summarize(per-call seconds)}``."""
     names = list(contenders)
     for name in names:
         for _ in range(warmup):
@@ -52,9 +55,12 @@ def interleaved(
             for name in order:
                 fn = contenders[name]
                 t0 = time.perf_counter()
+                own = 0.0
                 for _ in range(number):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / number)
+                    out = fn()
+                    own += out if self_timed else 0.0
+                took = own if self_timed else time.perf_counter() - t0
+                samples[name].append(took / number)
     finally:
         if gc_was_enabled:
             gc.enable()

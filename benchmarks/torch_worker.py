@@ -1,0 +1,62 @@
+"""A PyTorch contender in a process of its own, so that each OpenMP wait policy (PyTorch's
+default active spinning, or ``OMP_WAIT_POLICY=PASSIVE``) is measured as users run it: the
+policy is read once, when the OpenMP runtime starts, so it cannot change inside a process.
+
+The parent (``bench_throughput``) starts one worker per (policy, eager/compiled) and
+interleaves its requests with the JAX contenders. Protocol: one JSON line per request on
+stdin, one JSON line per answer on stdout:
+
+    {"model": "mlp", "batch_size": 128, "length": 6, "compiled": false, "threads": 2}
+        -> {"first_call_s": ...}        build the model, AdamW and the data; one warm step
+    {"steps": 6}  -> {"seconds": ...}   that many steps on fresh batches, timed here
+    {"flops_probe": true} -> {"matmul_gflops": ...}   the machine's matmul peak via torch
+
+Every step draws a fresh batch from the same ``batch_size * length`` examples
+(``common.batch(..., n=...)``, the data the JAX contenders train on) by a random
+permutation, as ``fit`` does."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from benchmarks import common
+
+    run = None
+    for line in sys.stdin:
+        req = json.loads(line)
+        if "model" in req:
+            torch.set_num_threads(req["threads"])
+            n = req["batch_size"] * req["length"]
+            data = common.batch(req["batch_size"], n=n)
+            run = common.torch_epoch(req["model"], data, req["batch_size"], req["compiled"])
+            t0 = time.perf_counter()
+            run(1)
+            out = {"first_call_s": time.perf_counter() - t0}
+        elif "steps" in req:
+            t0 = time.perf_counter()
+            run(req["steps"])
+            out = {"seconds": time.perf_counter() - t0}
+        else:
+            a = torch.from_numpy(np.random.default_rng(0).random((2048, 2048), np.float32))
+            a @ a
+            best = float("inf")
+            for _ in range(10):
+                t0 = time.perf_counter()
+                a @ a
+                best = min(best, time.perf_counter() - t0)
+            out = {"matmul_gflops": 2 * 2048**3 / best / 1e9}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
