@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
 from benchmarks import common
 from benchmarks.report import code, num, table, yes
 from benchmarks.timing import interleaved, log
@@ -15,34 +13,10 @@ TITLE = "2. Training throughput vs PyTorch"
 TARGET = 1.0
 
 
-def _matmul_gflops(n: int = 2048) -> float:
-    """XLA's f32 matmul rate on this machine: best of 5 calls of an n×n product."""
-    import jax
-
-    a = jax.device_put(np.random.default_rng(0).random((n, n), np.float32))
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(10))
-    return 2 * n**3 / best / 1e9
-
-
 def _timed(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def step_flops(model: Any, opt: Any, batch_size: int) -> float:
-    """FLOPs of one library train step, as XLA counts them in the compiled program."""
-    import jax
-
-    from wdjax.lab import train
-
-    step = jax.jit(train.make_train_step(model, opt, weight_metrics_each_step=False))
-    state = train.init_state(model, opt, jax.random.PRNGKey(0))
-    cost = step.lower(state, jax.device_put(common.batch(batch_size))).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"])
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -68,7 +42,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "torch_compile": bool(have_torch and cfg.torch_compile),
         "models": {},
     }
-    peak = {"jax_matmul_gflops": _matmul_gflops()}  # before any worker starts
+    peak = {"jax_matmul_gflops": common.matmul_gflops()}  # before any worker starts
     workers: dict[str, Any] = {}
     if have_torch:
         kinds = [(False, p) for p in policies] + [(True, p) for p in policies]
@@ -102,7 +76,7 @@ def _one_model(cfg: Any, name: str, workers: dict, peak_gflops: float) -> dict[s
         first_call[label] = got["first_call_s"]
         contenders[label] = lambda w=worker: w.ask(steps=L)["seconds"]
     res = interleaved(contenders, rounds=cfg.throughput_rounds[name], warmup=1, self_timed=True)
-    flops = step_flops(model, opt(), B)
+    flops = common.step_flops(model, opt(), common.batch(B))
     per_s = {}
     for k, r in res.items():
         imgs = B * L

@@ -124,6 +124,33 @@ def wdjax_optimizer(l1: bool = False) -> optax.GradientTransformation:
     return wdjax.adamw(LR, WD, l1=L1 if l1 else None)
 
 
+# ---------------------------------------------------------------- roofline
+
+
+def matmul_gflops(n: int = 2048) -> float:
+    """XLA's f32 matmul rate on this machine: the best of 10 calls of an n×n product."""
+    import time
+
+    a = jax.device_put(np.random.default_rng(0).random((n, n), np.float32))
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(model: Any, opt: optax.GradientTransformation, data: dict) -> float:
+    """FLOPs of one library train step on ``data``, as XLA counts them."""
+    step = jax.jit(train.make_train_step(model, opt, weight_metrics_each_step=False))
+    state = train.init_state(model, opt, jax.random.PRNGKey(0))
+    cost = step.lower(state, jax.device_put(data)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
 # ---------------------------------------------------------------- JAX contenders
 
 

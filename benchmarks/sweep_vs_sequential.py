@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 
 import wdjax
 from benchmarks import common
-from benchmarks.report import num, ratios, timing_table, yes
+from benchmarks.report import ms, num, ratios, table, timing_table, yes
 from benchmarks.timing import interleaved, log, ratio
 from wdjax import optimizers
 from wdjax.lab import data, models, sweeps, train
@@ -150,6 +150,56 @@ def epoch_anatomy(
     return {"steps_per_epoch": length, "contenders": res, "ratios": per_step}
 
 
+def width_scan(
+    ds: data.Dataset, members: int, lr: float, batch_size: int, widths: tuple[int, ...],
+    rounds: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One training epoch of ``members`` MLPs (two hidden layers of each width): vmapped as
+    the sweep runs it vs one after another, and the vmapped program's FLOP/s (XLA's count)
+    over this machine's matmul peak: where vmapping stops paying, and how close a
+    compute-bound sweep comes to the limit."""
+    train_data = jax.device_put(ds.arrays("train"))
+    length = len(ds.y_train) // batch_size
+    peak = common.matmul_gflops()
+    rows = []
+    for w in widths:
+        model = models.create("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes,
+                              widths=(w, w))  # fmt: skip
+        opt = optimizers.adamw(lr, 1e-4)
+        step = train.make_train_step(model, opt, weight_metrics_each_step=False)
+        one = train.init_state(model, opt, jax.random.PRNGKey(0))
+        stacked = jax.tree.map(lambda a: jnp.stack([a] * members), one)
+        epoch = functools.partial(
+            train.run_steps, step, data=train_data, batch_size=batch_size, length=length
+        )
+        vmapped, single = jax.jit(jax.vmap(epoch)), jax.jit(epoch)
+        res = interleaved(
+            {
+                "vmap": lambda f=vmapped, s=stacked: jax.block_until_ready(f(s)),
+                "sequential": lambda f=single, o=one: jax.block_until_ready(
+                    [f(o) for _ in range(members)]
+                ),
+            },
+            rounds=rounds,
+            warmup=1,
+        )
+        batch = jax.tree.map(lambda a: a[:batch_size], ds.arrays("train"))
+        flops = members * length * common.step_flops(model, opt, batch)
+        gflops = flops / res["vmap"]["median_s"] / 1e9
+        rows.append({
+            "width": w, "vmap": res["vmap"], "sequential": res["sequential"],
+            "ratio": ratio(res, "vmap", "sequential"), "gflops": gflops,
+            "fraction_of_peak": gflops / peak,
+        })  # fmt: skip
+        log(f"sweep width {w}", {"vmap/sequential": rows[-1]["ratio"],
+                                 "of peak": rows[-1]["fraction_of_peak"]}, num)  # fmt: skip
+    even = [r["width"] for r in rows if r["ratio"] >= 0.9]
+    return {
+        "members": members, "steps_per_epoch": length, "peak_gflops": peak, "rows": rows,
+        "crossover_width": even[0] if even else None,
+    }  # fmt: skip
+
+
 def _relative_diff(a: Any, b: Any) -> float:
     """``max |a − b| / max |b|`` over all leaves: float32 rounding, not a different run."""
     leaves = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
@@ -257,6 +307,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     anatomy = (
         None if args.quick else epoch_anatomy(model, ds, wds, args.lr, args.batch_size, rounds + 2)
     )
+    scan = (
+        None
+        if args.quick
+        else width_scan(ds, 8, args.lr, args.batch_size, (32, 128, 512, 1024, 2048), rounds - 2)
+    )
 
     ratio_user = ratio(cold, "sweep", "fit_calls")
     ratio_warm = ratio(warm, "sweep", "sequential")
@@ -281,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sweep_compile_s": cold["sweep"]["median_s"] - warm["sweep"]["median_s"],
         "max_param_diff": diffs,
         "epoch_anatomy": anatomy,
+        "width_scan": scan,
     }
     log("sweep / sequential", {k: out[k] for k in ("ratio_user", "ratio_warm")}, num)
     return out
@@ -373,10 +429,41 @@ def render(s: dict[str, Any]) -> str:
         out += [
             f"Where the warm time goes: one training epoch ({an['steps_per_epoch']} steps, "
             f"`run_steps`, no validation) of all {k} members, vmapped as in the sweep vs {k} "
-            "unbatched calls, for the library step, the same without per-step weight metrics, "
-            "and a minimal step (no skip, loss only):",
+            "unbatched calls, for the library step (as `fit` runs it), the same with per-step "
+            "weight metrics, and a minimal step (no skip, loss only):",
             timing_table(an["contenders"]),
             f"vmap / sequential: {ratios(an['ratios'])}.",
+        ]
+    ws = r.get("width_scan")
+    if ws:
+        rows = [
+            [str(x["width"]), ms(x["vmap"]["median_s"]), ms(x["sequential"]["median_s"]),
+             num(x["ratio"]), num(x["gflops"], ".1f"), num(x["fraction_of_peak"], ".2f")]
+            for x in ws["rows"]
+        ]  # fmt: skip
+        small, big = ws["rows"][0], ws["rows"][-1]
+        cross = ws["crossover_width"]
+        out += [
+            f"By width: one epoch ({ws['steps_per_epoch']} steps) of {ws['members']} MLPs with "
+            "two hidden layers of each width, vmapped vs one after another, and the vmapped "
+            "program's FLOP/s (XLA's count) over this machine's f32 matmul peak "
+            f"({num(ws['peak_gflops'], '.1f')} GFLOP/s, 2048² matmul measured in the same run):",
+            table(
+                ["width", "vmap ms", "sequential ms", "vmap / sequential", "GFLOP/s", "of peak"],
+                rows,
+            ),  # fmt: skip
+            f"Small members (width {small['width']}): vmap / sequential "
+            f"{num(small['ratio'])} (target ≤ 0.35 "
+            f"{'met' if small['ratio'] <= 0.35 else '**not met**'}). Compute-bound members "
+            f"(width {big['width']}): {num(big['fraction_of_peak'], '.2f')} of the matmul peak "
+            f"(target ≥ 0.8 {'met' if big['fraction_of_peak'] >= 0.8 else '**not met**'}). "
+            + (
+                f"Width {cross} is the first at which vmapping saved less than 10% (the "
+                "crossover); above it, XLA:CPU's batched matmuls run slower than the members' "
+                "own matmuls one after another."
+                if cross
+                else "Vmapping saved at least 10% at every width measured."
+            ),
         ]
     if not r["met_warm"]:
         text = (
@@ -389,8 +476,8 @@ def render(s: dict[str, Any]) -> str:
             a = an["ratios"]
             text += (
                 ". Per epoch, vmapped / one after another: library step "
-                f"{num(a.get('library_step'))}, without its weight metrics "
-                f"{num(a.get('without_weight_metrics'))}, a minimal step (no skip, loss only) "
+                f"{num(a.get('library_step'))}, with per-step weight metrics "
+                f"{num(a.get('with_weight_metrics'))}, a minimal step (no skip, loss only) "
                 f"{num(a.get('minimal_step'))}: even the minimal step gains "
                 + ("nothing" if a.get("minimal_step", 0) >= 0.95 else "little")
                 + " from `vmap` here. (Under `vmap` the step's `lax.cond` skip, with a "
