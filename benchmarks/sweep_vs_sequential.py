@@ -173,9 +173,11 @@ def width_scan(
             train.run_steps, step, data=train_data, batch_size=batch_size, length=length
         )
         vmapped, single = jax.jit(jax.vmap(epoch)), jax.jit(epoch)
+        mapped = jax.jit(lambda s, e=epoch: jax.lax.map(e, s))  # sweep(batching="map")
         res = interleaved(
             {
                 "vmap": lambda f=vmapped, s=stacked: jax.block_until_ready(f(s)),
+                "map": lambda f=mapped, s=stacked: jax.block_until_ready(f(s)),
                 "sequential": lambda f=single, o=one: jax.block_until_ready(
                     [f(o) for _ in range(members)]
                 ),
@@ -187,11 +189,13 @@ def width_scan(
         flops = members * length * common.step_flops(model, opt, batch)
         gflops = flops / res["vmap"]["median_s"] / 1e9
         rows.append({
-            "width": w, "vmap": res["vmap"], "sequential": res["sequential"],
-            "ratio": ratio(res, "vmap", "sequential"), "gflops": gflops,
-            "fraction_of_peak": gflops / peak,
+            "width": w, "vmap": res["vmap"], "map": res["map"], "sequential": res["sequential"],
+            "ratio": ratio(res, "vmap", "sequential"), "ratio_map": ratio(res, "map", "sequential"),
+            "gflops": gflops, "fraction_of_peak": gflops / peak,
+            "fraction_of_peak_map": flops / res["map"]["median_s"] / 1e9 / peak,
         })  # fmt: skip
         log(f"sweep width {w}", {"vmap/sequential": rows[-1]["ratio"],
+                                 "map/sequential": rows[-1]["ratio_map"],
                                  "of peak": rows[-1]["fraction_of_peak"]}, num)  # fmt: skip
     even = [r["width"] for r in rows if r["ratio"] >= 0.9]
     return {
@@ -437,19 +441,30 @@ def render(s: dict[str, Any]) -> str:
     ws = r.get("width_scan")
     if ws:
         rows = [
-            [str(x["width"]), ms(x["vmap"]["median_s"]), ms(x["sequential"]["median_s"]),
-             num(x["ratio"]), num(x["gflops"], ".1f"), num(x["fraction_of_peak"], ".2f")]
+            [str(x["width"]), ms(x["vmap"]["median_s"]), ms(x["map"]["median_s"]),
+             ms(x["sequential"]["median_s"]), num(x["ratio"]), num(x["ratio_map"]),
+             num(x["fraction_of_peak"], ".2f"), num(x["fraction_of_peak_map"], ".2f")]
             for x in ws["rows"]
         ]  # fmt: skip
         small, big = ws["rows"][0], ws["rows"][-1]
         cross = ws["crossover_width"]
         out += [
             f"By width: one epoch ({ws['steps_per_epoch']} steps) of {ws['members']} MLPs with "
-            "two hidden layers of each width, vmapped vs one after another, and the vmapped "
-            "program's FLOP/s (XLA's count) over this machine's f32 matmul peak "
+            "two hidden layers of each width: vmapped (the sweep's default), one after another "
+            'inside one program (`lax.map`, `sweep(batching="map")`), and as separate calls; '
+            "FLOP/s (XLA's count) over this machine's f32 matmul peak "
             f"({num(ws['peak_gflops'], '.1f')} GFLOP/s, 2048² matmul measured in the same run):",
             table(
-                ["width", "vmap ms", "sequential ms", "vmap / sequential", "GFLOP/s", "of peak"],
+                [
+                    "width",
+                    "vmap ms",
+                    "map ms",
+                    "sequential ms",
+                    "vmap / seq.",
+                    "map / seq.",
+                    "vmap of peak",
+                    "map of peak",
+                ],
                 rows,
             ),  # fmt: skip
             f"Small members (width {small['width']}): vmap / sequential "
@@ -460,7 +475,8 @@ def render(s: dict[str, Any]) -> str:
             + (
                 f"Width {cross} is the first at which vmapping saved less than 10% (the "
                 "crossover); above it, XLA:CPU's batched matmuls run slower than the members' "
-                "own matmuls one after another."
+                'own matmuls one after another, which `batching="map"` keeps inside the '
+                "sweep's one program."
                 if cross
                 else "Vmapping saved at least 10% at every width measured."
             ),

@@ -23,6 +23,7 @@ import pytest
 
 import wdjax
 from wdjax import optimizers
+from wdjax.distributed import Layout, make_mesh
 from wdjax.lab import data, models, train
 from wdjax.lab.folds import kfold_rows
 from wdjax.lab.memory import CPU_MEMORY_BUDGET, member_bytes, memory_budget
@@ -115,6 +116,15 @@ def test_chunks_of_two_equal_one_chunk(digits, mlp, grid):
     assert_trees_close(chunked.params, grid.params)
     for key, values in grid.history.items():
         np.testing.assert_allclose(chunked.history[key], values, **TOL, err_msg=key)
+
+
+def test_members_one_after_another_equal_the_batched_sweep(digits, mlp, grid):
+    """`batching="map"` (lax.map over the chunk's members) trains the same members."""
+    mapped = sweep(digits, model=mlp, batching="map", **GRID)
+    assert mapped.config["batching"] == "map" and mapped.chosen_index == grid.chosen_index
+    assert_trees_close(mapped.params, grid.params)
+    for key, values in grid.history.items():
+        np.testing.assert_allclose(mapped.history[key], values, **TOL, err_msg=key)
 
 
 def test_kfold_rows_partition_and_stratify():
@@ -258,6 +268,11 @@ def test_memory_estimate_and_budget(mlp):
         ({"optimizer": optax.adamw(1e-3)}, "does not inject"),
         ({"weight_decay": None, "select": "one_se"}, "sweep weight_decay"),
         ({"optimizer": wdjax.adamw(1e-3), "optimizer_config": {"b1": 0.8}}, "named optimizers"),
+        ({"batching": "pmap"}, "batching must be 'vmap' or 'map'"),
+        (
+            {"batching": "map", "layout": Layout(make_mesh("members=-1"))},
+            "use batching='vmap'",
+        ),
     ],
 )
 def test_bad_arguments(digits, mlp, kwargs, match):
