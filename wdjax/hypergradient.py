@@ -256,12 +256,9 @@ class Tuner:
         z = (z_params, _split(z_state)[0])
         z = jax.tree.map(lambda t: damp * (t[None] if single else t), z)
         out = jax.vmap(linear)(*z, jnp.eye(len(self.names), dtype=log_rate.dtype))
-        out = jax.tree.map(
-            lambda t: (
-                jnp.where(jnp.isfinite(t), t, 0)[0] if single else jnp.where(jnp.isfinite(t), t, 0)
-            ),
-            out,
-        )
+        out = jax.tree.map(lambda t: jnp.where(jnp.isfinite(t), t, 0), out)
+        if single:
+            out = jax.tree.map(lambda t: t[0], out)
         tangent = (out[0], _split(z_state)[1](out[1]))
         return (*aux, state._replace(tangent=tangent))
 
