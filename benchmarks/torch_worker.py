@@ -8,7 +8,7 @@ stdin, one JSON line per answer on stdout:
 
     {"model": "mlp", "batch_size": 128, "length": 6, "compiled": false, "threads": 2}
         -> {"first_call_s": ...}        build the model, AdamW and the data; one warm step
-    {"steps": 6}  -> {"seconds": ...}   that many steps on fresh batches, timed here
+    {"steps": 6, "warm": 6} -> {"seconds": ...}   `warm` untimed steps, then `steps` timed
     {"flops_probe": true} -> {"matmul_gflops": ...}   the machine's matmul peak via torch
 
 Every step draws a fresh batch from the same ``batch_size * length`` examples
@@ -43,6 +43,7 @@ def main() -> None:
             run(1)
             out = {"first_call_s": time.perf_counter() - t0}
         elif "steps" in req:
+            run(req.get("warm", 0))  # untimed: wakes the threads after the idle gap
             t0 = time.perf_counter()
             run(req["steps"])
             out = {"seconds": time.perf_counter() - t0}
