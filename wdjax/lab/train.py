@@ -470,9 +470,10 @@ def fit(
     if feed == "device":
         train_data = _place(layout, train_data)
     held = val_data if tuner is not None else None
-    each_step = weight_metrics == "step"
-    run = _runner(task, optimizer, tuple(penalties), mask, layout, tuner, each_step, shardings,
-                  batch_size, not scan)  # fmt: skip
+    config = _StepConfig(
+        task, optimizer, tuple(penalties), mask, layout, tuner, weight_metrics == "step"
+    )
+    run = _runner(config, shardings, batch_size, unroll=not scan)
 
     history: list[dict[str, float]] = []
     pending: list[Metrics] = []
@@ -555,55 +556,45 @@ def _place(layout: Layout | None, data: Batch) -> Batch:
     return layout.put(data, layout.replicated(data))
 
 
-def _runner(
-    task: Task,
-    optimizer: optax.GradientTransformation,
-    penalties: tuple[Penalty, ...],
-    mask: Mask,
-    layout: Layout | None,
-    tuner: Tuner | None,
-    each_step: bool,
-    shardings: Any,
-    batch_size: int,
-    unroll: bool,
-) -> _Runner:
+class _StepConfig(NamedTuple):
+    """What `make_train_step` builds a `fit` step from."""
+
+    task: Task
+    optimizer: optax.GradientTransformation
+    penalties: tuple[Penalty, ...]
+    mask: Mask
+    layout: Layout | None
+    tuner: Tuner | None
+    weight_metrics_each_step: bool
+
+
+def _runner(config: _StepConfig, shardings: Any, batch_size: int, unroll: bool) -> _Runner:
     """The `_Runner` for this configuration, shared by every `fit` call with the same
     (identical) task, optimizer, penalties, mask, layout and tuner, the same state
     shardings and batch size: a second such call compiles nothing. A configuration
     that cannot be hashed (a mask given as a pytree) gets a runner of its own."""
     leaves, treedef = jax.tree.flatten(shardings)
-    key = (task, optimizer, penalties, mask, layout, tuner, each_step, tuple(leaves), treedef,
-           batch_size, unroll)  # fmt: skip
+    key = (config, tuple(leaves), treedef, batch_size, unroll)
     try:
         hash(key)
     except TypeError:
-        return _new_runner(*key[:7], shardings, batch_size, unroll)
+        return _new_runner(config, shardings, batch_size, unroll)
     return _cached_runner(key)
 
 
-def _new_runner(
-    task: Task,
-    optimizer: optax.GradientTransformation,
-    penalties: tuple[Penalty, ...],
-    mask: Mask,
-    layout: Layout | None,
-    tuner: Tuner | None,
-    each_step: bool,
-    shardings: Any,
-    batch_size: int,
-    unroll: bool,
-) -> _Runner:
+def _new_runner(config: _StepConfig, shardings: Any, batch_size: int, unroll: bool) -> _Runner:
+    c = config
     step = make_train_step(
-        task, optimizer, penalties=penalties, mask=mask, layout=layout, tuner=tuner,
-        weight_metrics_each_step=each_step,
+        c.task, c.optimizer, penalties=c.penalties, mask=c.mask, layout=c.layout,
+        tuner=c.tuner, weight_metrics_each_step=c.weight_metrics_each_step,
     )  # fmt: skip
-    return _Runner(step, shardings, layout, batch_size, unroll)
+    return _Runner(step, shardings, c.layout, batch_size, unroll)
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_runner(key: tuple) -> _Runner:
-    leaves, treedef = key[7:9]
-    return _new_runner(*key[:7], jax.tree.unflatten(treedef, leaves), *key[9:])
+    config, leaves, treedef, batch_size, unroll = key
+    return _new_runner(config, jax.tree.unflatten(treedef, leaves), batch_size, unroll)
 
 
 class _Runner:
