@@ -171,37 +171,40 @@ def wdjax_step(
     return run
 
 
-def hand_step(model: Any, model_state: Any, opt: optax.GradientTransformation, skip=False):
+def hand_step(model: Any, model_state: Any, opt: optax.GradientTransformation, guard: str = ""):
     """A hand-written ``step(params, opt_state, x, y) -> (params, opt_state, loss)``: loss,
-    grad, ``opt.update``, ``apply_updates``; no metrics. ``skip=True`` adds what the library
-    does against non-finite steps: the gradient norm, and the update under
-    ``lax.cond(finite, update, keep)``. Not jitted."""
+    grad, ``opt.update``, ``apply_updates``; no metrics. Not jitted. ``guard`` adds the
+    pieces of the library's skip of non-finite steps, each on its own: ``"norm"``, the
+    gradient norm (``train.global_norm``, added to the returned loss, so it is computed);
+    ``"cond"``, the update under ``lax.cond`` on the finite loss alone; ``"skip"``, both
+    (the update under ``lax.cond(finite norm and loss)``)."""
 
     def loss_fn(p, x, y):
         logits, _ = model.apply(p, model_state, x, train=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def update(operand):
-        p, s, g = operand
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
     def step(p, s, x, y):
         loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-        if not skip:
-            return (*update((p, s, g)), loss)
-        ok = jnp.isfinite(optax.tree.norm(g)) & jnp.isfinite(loss)
-        return (*jax.lax.cond(ok, update, lambda o: o[:2], (p, s, g)), loss)
+
+        def update():
+            u, new_s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), new_s
+
+        norm = train.global_norm(g) if guard in ("norm", "skip") else 0.0
+        if guard in ("", "norm"):
+            return (*update(), loss + norm)
+        ok = jnp.isfinite(norm) & jnp.isfinite(loss)
+        return (*jax.lax.cond(ok, update, lambda: (p, s)), loss)
 
     return step
 
 
 def minimal_step(
-    model: Any, opt: optax.GradientTransformation, data: dict, *, skip: bool = False
+    model: Any, opt: optax.GradientTransformation, data: dict, guard: str = ""
 ) -> Callable[[], Any]:
     """:func:`hand_step` jitted, params and optimizer state donated, on one batch."""
     params, model_state = model.init(jax.random.PRNGKey(0))
-    step = jax.jit(hand_step(model, model_state, opt, skip), donate_argnums=(0, 1))
+    step = jax.jit(hand_step(model, model_state, opt, guard), donate_argnums=(0, 1))
     x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
     box = [params, opt.init(params)]
 

@@ -164,6 +164,18 @@ def measure(cfg: Config, only: tuple[str, ...], command: str) -> dict[str, Any]:
     return results
 
 
+def merged(path: str, partial: dict[str, Any]) -> dict[str, Any]:
+    """The saved run at ``path`` with the sections of a partial (``--only``) run of the
+    same machine and day in place of its own, each noted in ``meta["remeasured"]``."""
+    with open(path) as f:
+        saved = json.load(f)
+    meta = partial["meta"]
+    for name, entry in partial["benchmarks"].items():
+        saved["benchmarks"][name] = entry
+        saved["meta"].setdefault("remeasured", {})[name] = f"`{meta['command']}` at {meta['time']}"
+    return saved
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -220,10 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         path = os.path.join(
             out_dir, f"{env['device_slug']}-{env['date']}{'-quick' if cfg.quick else ''}.json"
         )
+        subset = set(args.only) != set(ALL)  # a partial run never overwrites RESULTS.md
+        if subset and os.path.exists(path):
+            results = merged(path, results)
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
         results["meta"]["json_path"] = path
-        subset = set(args.only) != set(ALL)  # a partial run never overwrites RESULTS.md
         default = None if cfg.quick or subset else os.path.join(HERE, "RESULTS.md")
         markdown = args.markdown or default
     text = report.render(results)

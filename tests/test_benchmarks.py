@@ -235,3 +235,18 @@ def test_interleaved_calls_every_contender_and_times_it(self_timed):
         assert res["a"]["median_s"] == 0.25
     else:
         assert 0 < res["a"]["median_s"] < 0.01
+
+
+def test_a_partial_run_replaces_its_sections_of_the_saved_run_and_says_so(tmp_path):
+    """`--only` on the machine and day of a saved full run replaces those sections in its
+    JSON and notes each in `meta.remeasured`; every other section and the meta stay."""
+    path = tmp_path / "run.json"
+    saved = {"meta": {**META, "remeasured": {"sweep": "why"}}, "benchmarks": {"a": 1, "b": 2}}
+    path.write_text(json.dumps(saved))
+    partial_meta = {**META, "command": "python -m benchmarks --only b", "time": "later"}
+    out = run.merged(str(path), {"meta": partial_meta, "benchmarks": {"b": 3}})
+    assert out["benchmarks"] == {"a": 1, "b": 3}
+    assert out["meta"]["time"] == "t" and out["meta"]["remeasured"] == {
+        "sweep": "why",
+        "b": "`python -m benchmarks --only b` at later",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,47 @@ def test_non_finite_step_is_skipped_and_counted(digits, small_mlp):
         new, {"x": jnp.asarray(digits.x_train[:16]), "y": jnp.asarray(digits.y_train[:16])}
     )
     assert int(good.skipped) == 1 and not _leaves_equal(good.params, state.params)
+
+
+def test_global_norm_equals_optax_on_every_kind_of_tree(params_tree):
+    # shapes of every rank (scalars, vectors, kernels), and the same tree in bfloat16
+    for tree in (params_tree, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params_tree)):
+        want = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+        np.testing.assert_allclose(train.global_norm(tree), want, rtol=1e-6)
+        np.testing.assert_allclose(jax.jit(train.global_norm)(tree), want, rtol=1e-6)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), params_tree)  # vmapped members
+    want = optax.tree.norm(params_tree)
+    np.testing.assert_allclose(jax.vmap(train.global_norm)(stacked), [want, 2 * want], rtol=1e-6)
+
+
+_SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "kernel": (3, 3, 2, 4), "empty": (0, 3)}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None, 3e38])
+@pytest.mark.parametrize("where", sorted(set(_SHAPES) - {"empty"}))
+def test_all_finite_finds_one_bad_element_anywhere(where, bad):
+    """One NaN or ±∞ in any leaf is found; large finite values (`3e38`, whose square and
+    sum overflow) and no bad value at all are not."""
+    tree = {k: jnp.ones(shape) for k, shape in _SHAPES.items()}
+    if bad is not None:
+        tree[where] = tree[where].reshape(-1).at[-1].set(bad).reshape(_SHAPES[where])
+    finite = bad is None or bool(np.isfinite(bad))
+    assert bool(train._all_finite(tree)) is finite
+    assert bool(jax.jit(train._all_finite)(tree)) is finite
+
+
+def test_the_compiled_step_copies_no_parameter_or_optimizer_state(small_mlp):
+    """The skip of non-finite steps is a `lax.cond` whose applied branch computes the
+    update itself, so XLA writes it in place: no full-size copy anywhere in the program
+    (a `jnp.where` skip, or a branch passing a precomputed state through, copies every
+    Adam moment)."""
+    opt = wdjax.adamw(1e-3, 1e-4)
+    step = jax.jit(train.make_train_step(small_mlp, opt), donate_argnums=0)
+    state = train.init_state(small_mlp, opt, jax.random.PRNGKey(0))
+    batch = {"x": jnp.zeros((8, *small_mlp.input_shape)), "y": jnp.zeros(8, jnp.int32)}
+    text = step.lower(state, batch).compile().as_text()
+    assert "conditional(" in text
+    assert not re.findall(r"= f32\[\d[\d,]*\]\{[\d,]*\} copy\(", text)
 
 
 def _with_frozen(model: models.Model) -> tasks.Task:

@@ -42,6 +42,7 @@ __all__ = [
     "epoch_record",
     "evaluate",
     "fit",
+    "global_norm",
     "init_state",
     "init_state_on",
     "make_train_step",
@@ -90,9 +91,28 @@ def hyperparam(opt_state: Any, name: str) -> jax.Array:
     return jnp.asarray(values[0] if values else jnp.nan, jnp.float32)
 
 
+def _total(x: jax.Array) -> jax.Array:
+    """`Σx` in float32, as a matrix–vector product with ones: XLA:CPU runs a full
+    reduction far below memory speed and a product at memory speed (an MLP's gradient
+    norm: 9% of its train step as `jnp.sum`, none as this; benchmarks/HISTORY.md)."""
+    if x.size == 0:
+        return jnp.zeros([], jnp.float32)
+    rows = x.reshape(x.shape[0] if x.ndim > 1 else 1, -1)
+    ones = jnp.ones(rows.shape[1], rows.dtype)
+    highest = jax.lax.Precision.HIGHEST  # no bf16/TF32 passes on TPU/GPU
+    return jnp.sum(jnp.dot(rows, ones, precision=highest, preferred_element_type=jnp.float32))
+
+
 def _sq_norm(leaves: Sequence[jax.Array]) -> jax.Array:
+    """`Σ w²` over `leaves`."""
     zero = jnp.zeros([], jnp.float32)
-    return sum((jnp.sum(jnp.square(w.astype(jnp.float32))) for w in leaves), zero)
+    return sum((_total(jnp.square(w.astype(jnp.float32))) for w in leaves), zero)
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """`‖g‖ = √(Σ g²)` over the float leaves of `tree`, in float32: `optax.tree.norm`'s
+    value, at memory speed on CPU (see `_total`)."""
+    return jnp.sqrt(_sq_norm([x for x in jax.tree.leaves(tree) if is_float(x)]))
 
 
 def weight_metrics(params: Params, decayed: Sequence[bool]) -> Metrics:
@@ -100,7 +120,7 @@ def weight_metrics(params: Params, decayed: Sequence[bool]) -> Metrics:
     floats = [(w, d) for w, d in zip(jax.tree.leaves(params), decayed) if is_float(w)]
     size = sum(w.size for w, _ in floats)
     zero = jnp.zeros([], jnp.float32)
-    zeros = sum((jnp.sum((w == 0).astype(jnp.float32)) for w, _ in floats), zero)
+    zeros = sum((_total((w == 0).astype(jnp.float32)) for w, _ in floats), zero)
     on = _sq_norm([w for w, d in floats if d])
     off = _sq_norm([w for w, d in floats if not d])
     return {
@@ -112,9 +132,10 @@ def weight_metrics(params: Params, decayed: Sequence[bool]) -> Metrics:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """True when every element of every float leaf is finite."""
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if is_float(x)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+    """True when every element of every float leaf is finite: `Σ 0·x` is 0, or NaN
+    if any `x` is NaN or ±∞ (and never overflows)."""
+    zero = jnp.zeros([], jnp.float32)
+    return jnp.isfinite(sum((_total(0 * x) for x in jax.tree.leaves(tree) if is_float(x)), zero))
 
 
 def _hyperparams_ok(opt_state: Any) -> jax.Array:
@@ -162,7 +183,9 @@ def make_train_step(
     A step is skipped and counted, never applied, when its loss, gradients or update
     are not finite, or when a hyperparameter the optimizer injects (η, λ, α from a
     schedule) is negative or not finite at that step. The decision is one `lax.cond`
-    on a predicate computed before it, so the applied path copies nothing. `model`: a
+    whose applied branch computes the update itself (the predicate's own evaluation of
+    it only feeds a reduction), so XLA writes the new state in place and copies
+    nothing. `model`: a
     [`Task`][wdjax.lab.tasks.Task] or a reference Model.
 
     Metrics: `loss` (data loss), the task's metrics (`accuracy`), each penalty by
@@ -183,14 +206,6 @@ def make_train_step(
     if layout is not None and layout.compute_dtype is not None:
         task = tasks.in_dtype(task, layout.compute_dtype)
     objective = regularized(task.loss, *penalties, has_aux=True)
-
-    def apply(operand: tuple) -> tuple:
-        params, updates, new_opt_state, _, model_state, _ = operand
-        return optax.apply_updates(params, updates), new_opt_state, model_state
-
-    def skip(operand: tuple) -> tuple:
-        params, _, _, opt_state, _, old_model_state = operand
-        return params, opt_state, old_model_state
 
     def held_out_grads(params: Params, model_state: Any, held: Batch) -> Params:
         def loss(p: Params) -> jax.Array:
@@ -219,14 +234,22 @@ def make_train_step(
             (total, aux), grads = value_and_grad(state.params)
             updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         model_state, task_metrics = aux.pop("aux")
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = global_norm(grads)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(total) & _all_finite(updates)
         ok &= _hyperparams_ok(new_opt_state)
-        # a cond, not a select over the new and old states: no copy on the applied path
-        operand = (state.params, updates, new_opt_state, state.opt_state, model_state)
-        params, opt_state, model_state = jax.lax.cond(
-            ok, apply, skip, (*operand, state.model_state)
-        )
+
+        def apply() -> tuple:  # the update again, written in place (a pass-through copies)
+            u, s = (
+                (updates, new_opt_state)
+                if tuner is not None and tuner.horizon > 1
+                else optimizer.update(grads, state.opt_state, state.params)
+            )
+            return optax.apply_updates(state.params, u), s, model_state
+
+        def skip() -> tuple:
+            return state.params, state.opt_state, state.model_state
+
+        params, opt_state, model_state = jax.lax.cond(ok, apply, skip)
         skipped = state.skipped + (~ok).astype(jnp.int32)
         extra = {}
         if tuner is not None:
