@@ -103,16 +103,17 @@ def _total(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.dot(rows, ones, precision=highest, preferred_element_type=jnp.float32))
 
 
-def _sq_norm(leaves: Sequence[jax.Array]) -> jax.Array:
-    """`Σ w²` over `leaves`."""
+def _sq_norm(leaves: Sequence[jax.Array], total: Callable = jnp.sum) -> jax.Array:
+    """`Σ w²` over `leaves`, each leaf's sum by `total`."""
     zero = jnp.zeros([], jnp.float32)
-    return sum((_total(jnp.square(w.astype(jnp.float32))) for w in leaves), zero)
+    return sum((total(jnp.square(w.astype(jnp.float32))) for w in leaves), zero)
 
 
 def global_norm(tree: Any) -> jax.Array:
     """`‖g‖ = √(Σ g²)` over the float leaves of `tree`, in float32: `optax.tree.norm`'s
-    value, at memory speed on CPU (see `_total`)."""
-    return jnp.sqrt(_sq_norm([x for x in jax.tree.leaves(tree) if is_float(x)]))
+    value, as matrix–vector products (see `_total`: a train step's gradient norm costs
+    nothing measurable this way; its weight norms are cheaper as plain sums)."""
+    return jnp.sqrt(_sq_norm([x for x in jax.tree.leaves(tree) if is_float(x)], _total))
 
 
 def weight_metrics(params: Params, decayed: Sequence[bool]) -> Metrics:
@@ -120,7 +121,7 @@ def weight_metrics(params: Params, decayed: Sequence[bool]) -> Metrics:
     floats = [(w, d) for w, d in zip(jax.tree.leaves(params), decayed) if is_float(w)]
     size = sum(w.size for w, _ in floats)
     zero = jnp.zeros([], jnp.float32)
-    zeros = sum((_total((w == 0).astype(jnp.float32)) for w, _ in floats), zero)
+    zeros = sum((jnp.sum((w == 0).astype(jnp.float32)) for w, _ in floats), zero)
     on = _sq_norm([w for w, d in floats if d])
     off = _sq_norm([w for w, d in floats if not d])
     return {
