@@ -41,7 +41,7 @@ import wdjax
 from benchmarks import common
 from benchmarks.report import ms, num, ratios, table, timing_table, yes
 from benchmarks.timing import interleaved, log, ratio
-from wdjax import optimizers
+from wdjax import masks, optimizers
 from wdjax.lab import data, models, sweeps, train
 
 TITLE = "4. Sweep vs sequential"
@@ -79,7 +79,7 @@ def sequential(
     the record with its validation pass, as ``fit`` does."""
     train_data = jax.device_put(ds.arrays("train"))
     steps_per_epoch = len(ds.y_train) // batch_size
-    step = _step(model, opt)
+    step = _step(model, opt, weight_metrics_each_step=False)
     states = []
     for wd in weight_decays:
         state = train.init_state(model, opt, jax.random.PRNGKey(seed))
@@ -87,11 +87,13 @@ def sequential(
         for length in train.chunks(0, epochs * steps_per_epoch, steps_per_epoch, None):
             state, metrics = _run(step, state, train_data, batch_size, length)
             per_step = {k: np.asarray(v).tolist() for k, v in metrics.items()}
-            train.epoch_record(model, state, ds, per_step, int(state.step) // steps_per_epoch)
+            epoch = int(state.step) // steps_per_epoch
+            train.epoch_record(model, state, ds, per_step, epoch, masks.DEFAULT)
         states.append(state)
     return states
 
 
+B = (False, True)  # update_in_cond: False for a vmapped step (as sweep), True unbatched
 _step = functools.cache(train.make_train_step)  # one step function, so one compilation
 _run = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
 
@@ -129,17 +131,21 @@ def epoch_anatomy(
     stacked = stacked._replace(
         opt_state=wdjax.set_hyperparams(stacked.opt_state, weight_decay=np.array(weight_decays))
     )
-    steps = {
-        "library_step": train.make_train_step(model, opt, weight_metrics_each_step=False),
-        "with_weight_metrics": train.make_train_step(model, opt),
-        "minimal_step": _plain_step(model, opt),
+    library = functools.partial(train.make_train_step, model, opt)
+    steps = {  # (vmapped, unbatched): each as the sweep and fit build it
+        "library_step": [library(weight_metrics_each_step=False, update_in_cond=u) for u in B],
+        "with_weight_metrics": [library(update_in_cond=u) for u in B],
+        "minimal_step": [_plain_step(model, opt)] * 2,
     }
     contenders = {}
-    for name, step in steps.items():
-        epoch = functools.partial(
-            train.run_steps, step, data=train_data, batch_size=batch_size, length=length
+    for name, (for_vmap, step) in steps.items():
+        batched, epoch = (
+            functools.partial(
+                train.run_steps, s, data=train_data, batch_size=batch_size, length=length
+            )
+            for s in (for_vmap, step)
         )
-        vmapped, single = jax.jit(jax.vmap(epoch)), jax.jit(epoch)
+        vmapped, single = jax.jit(jax.vmap(batched)), jax.jit(epoch)
         contenders[f"{name}/vmap"] = lambda f=vmapped: jax.block_until_ready(f(stacked))
         contenders[f"{name}/sequential"] = lambda f=single: jax.block_until_ready(
             [f(one) for _ in weight_decays]
@@ -166,13 +172,18 @@ def width_scan(
         model = models.create("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes,
                               widths=(w, w))  # fmt: skip
         opt = optimizers.adamw(lr, 1e-4)
-        step = train.make_train_step(model, opt, weight_metrics_each_step=False)
         one = train.init_state(model, opt, jax.random.PRNGKey(0))
         stacked = jax.tree.map(lambda a: jnp.stack([a] * members), one)
-        epoch = functools.partial(
-            train.run_steps, step, data=train_data, batch_size=batch_size, length=length
-        )
-        vmapped, single = jax.jit(jax.vmap(epoch)), jax.jit(epoch)
+        for_vmap, epoch = (
+            functools.partial(
+                train.run_steps,
+                train.make_train_step(model, opt, weight_metrics_each_step=False,
+                                      update_in_cond=u),
+                data=train_data, batch_size=batch_size, length=length,
+            )
+            for u in B
+        )  # fmt: skip
+        vmapped, single = jax.jit(jax.vmap(for_vmap)), jax.jit(epoch)
         mapped = jax.jit(lambda s, e=epoch: jax.lax.map(e, s))  # sweep(batching="map")
         res = interleaved(
             {

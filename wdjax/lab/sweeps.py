@@ -62,7 +62,15 @@ from wdjax.lab.folds import kfold_rows
 from wdjax.lab.memory import member_bytes, memory_budget
 from wdjax.lab.selection import SELECTS, Select, select_setting, summarize
 from wdjax.lab.tasks import Batch, Task
-from wdjax.lab.train import LAST, TrainState, chunks, init_state, make_train_step, run_steps
+from wdjax.lab.train import (
+    LAST,
+    TrainState,
+    chunks,
+    init_state,
+    make_train_step,
+    run_steps,
+    weight_metrics,
+)
 from wdjax.optimizers import set_hyperparams
 from wdjax.penalties import Penalty
 from wdjax.types import Mask
@@ -140,7 +148,16 @@ def _program(
     `members` axis (the vmap's `spmd_axis_name`) and each member's batches over its
     data axes; every output stays split by member. `batching="map"`: the chunk's
     members run one after another inside the program (`lax.map`), not batched."""
-    step = make_train_step(task, opt, penalties=penalties, mask=mask, layout=layout, tuner=tuner)
+    step = make_train_step(
+        task,
+        opt,
+        penalties=penalties,
+        mask=mask,
+        layout=layout,
+        tuner=tuner,
+        weight_metrics_each_step=False,  # once an epoch, below
+        update_in_cond=batching == "map",  # vmap turns the skip's cond into a select
+    )
     spmd = "members" if layout is not None and layout.size("members") > 1 else None
 
     def epoch(
@@ -160,13 +177,13 @@ def _program(
             return lambda *args: jax.lax.map(lambda a: fn(*a), args)
 
         state, m = members(one)(state, rows, held)
+        weights = members(lambda s: weight_metrics(s.params, masks.resolve(s.params, mask)))
         scores = members(
             lambda s, r: tasks.evaluate(task, s.params, s.model_state, val, r, batch_size)
         )(state, held)
         means = {k: v.mean(1) for k, v in m.items() if k not in LAST}
-        return state, means | {k: m[k][:, -1] for k in LAST if k in m} | {
-            f"val_{k}": v for k, v in scores.items()
-        }
+        last = {k: m[k][:, -1] for k in LAST if k in m} | weights(state)
+        return state, means | last | {f"val_{k}": v for k, v in scores.items()}
 
     out = {} if layout is None else {"out_shardings": layout.members()}
     return step, jax.jit(epoch, static_argnums=5, donate_argnums=0, **out)

@@ -172,6 +172,7 @@ def make_train_step(
     layout: Layout | None = None,
     tuner: Tuner | None = None,
     weight_metrics_each_step: bool = True,
+    update_in_cond: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `step(state, batch) -> (state, metrics)` (not jitted: jit it, scan it
     or vmap it; [`fit`][wdjax.lab.train.fit] does all three as needed):
@@ -186,7 +187,9 @@ def make_train_step(
     schedule) is negative or not finite at that step. The decision is one `lax.cond`
     whose applied branch computes the update itself (the predicate's own evaluation of
     it only feeds a reduction), so XLA writes the new state in place and copies
-    nothing. `model`: a
+    nothing. `update_in_cond=False` for a step you `vmap` (as
+    [`sweep`][wdjax.lab.sweeps.sweep] does): `vmap` makes the `cond` a select that
+    evaluates both branches, and the update is then computed once, outside. `model`: a
     [`Task`][wdjax.lab.tasks.Task] or a reference Model.
 
     Metrics: `loss` (data loss), the task's metrics (`accuracy`), each penalty by
@@ -240,10 +243,11 @@ def make_train_step(
         ok &= _hyperparams_ok(new_opt_state)
 
         def apply() -> tuple:  # the update again, written in place (a pass-through copies)
+            forward = tuner is not None and tuner.horizon > 1  # tangents come with it
             u, s = (
-                (updates, new_opt_state)
-                if tuner is not None and tuner.horizon > 1
-                else optimizer.update(grads, state.opt_state, state.params)
+                optimizer.update(grads, state.opt_state, state.params)
+                if update_in_cond and not forward
+                else (updates, new_opt_state)
             )
             return optax.apply_updates(state.params, u), s, model_state
 
