@@ -148,7 +148,9 @@ def render(s: dict[str, Any]) -> str:
                 "hyperparameters, its per-step RNG key, accuracy, hyperparameter metrics, the "
                 "`regularized` objective and state bookkeeping). XLA:CPU runs a conditional's "
                 "branch as a nested thunk sequence; the same update under the same `cond` "
-                "costs nothing measurable when it is the whole program (HISTORY.md). On this "
+                "costs nothing measurable when it is the whole program, and a `jnp.where` "
+                "skip costs more (HISTORY.md). No upstream issue found for it (the nearest, "
+                "openxla/xla#33048: the CPU runtime's while loops blocking). On this "
                 "shared machine such ratios move by several percent between runs, so read the "
                 "split as approximate."
             )

@@ -58,7 +58,7 @@ class Config:
     batch_size: int = 128
     scan_length: int = 6  # steps per lax.scan call (throughput, compile)
     overhead_rounds: dict[str, int] = dataclasses.field(
-        default_factory=lambda: {"mlp": 40, "cnn": 8}
+        default_factory=lambda: {"mlp": 40, "cnn": 20}
     )
     overhead_number: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"mlp": 10, "cnn": 2}
