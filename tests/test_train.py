@@ -89,7 +89,11 @@ def test_non_finite_step_is_skipped_and_counted(digits, small_mlp):
     x[3, 2, 2, 0] = np.nan
     new, metrics = step(state, {"x": jnp.asarray(x), "y": jnp.asarray(digits.y_train[:16])})
     assert int(new.skipped) == 1 and int(metrics["skipped"]) == 1 and int(new.step) == 1
-    assert _leaves_equal(new.params, state.params) and _leaves_equal(new.opt_state, state.opt_state)
+    assert _leaves_equal(new.params, state.params)
+    floats = [
+        [x for x in jax.tree.leaves(s.opt_state) if x.dtype.kind == "f"] for s in (new, state)
+    ]
+    assert _leaves_equal(*floats)  # moments, η and λ as they were; the schedules' count moved on
     good, _ = step(
         new, {"x": jnp.asarray(digits.x_train[:16]), "y": jnp.asarray(digits.y_train[:16])}
     )

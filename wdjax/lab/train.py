@@ -151,6 +151,30 @@ def _hyperparams_ok(opt_state: Any) -> jax.Array:
     return jnp.all(jnp.stack(ok or [jnp.array(True)]))
 
 
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+_SCHEDULED = (*_INJECTED, optax.ScaleByScheduleState, DecayState)
+
+
+def _schedules_moved_on(old: Any, new: Any) -> Any:
+    """`old` optimizer state with what its schedules read taken from `new` (the step
+    counts of `inject_hyperparams`, `scale_by_schedule` and wdjax's decays, and the
+    states of injected schedules): a skipped step leaves moments, Adam's own count and
+    the params alone but moves every schedule on, as PyTorch's LR schedulers step when
+    `GradScaler` skips `optimizer.step()`. A schedule bad at one step costs that step only."""
+
+    def moved(o: Any, n: Any) -> Any:
+        if not isinstance(o, _SCHEDULED):
+            return o
+        o = o._replace(count=n.count)
+        if isinstance(o, optax.InjectStatefulHyperparamsState):
+            o = o._replace(hyperparams_states=n.hyperparams_states)
+        if isinstance(o, _INJECTED):
+            o = o._replace(inner_state=_schedules_moved_on(o.inner_state, n.inner_state))
+        return o
+
+    return jax.tree.map(moved, old, new, is_leaf=lambda x: isinstance(x, _SCHEDULED))
+
+
 def _decay_factors(opt_state: Any) -> list[jax.Array]:
     """The per-step factors `c_t·λ` the decoupled decays in `opt_state` last applied."""
     found = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, DecayState))
@@ -184,7 +208,8 @@ def make_train_step(
 
     A step is skipped and counted, never applied, when its loss, gradients or update
     are not finite, or when a hyperparameter the optimizer injects (η, λ, α from a
-    schedule) is negative or not finite at that step. The decision is one `lax.cond`
+    schedule) is negative or not finite at that step; its schedules still move on (the
+    step counts they read), nothing else in the optimizer state does. The decision is one `lax.cond`
     whose applied branch computes the update itself (the predicate's own evaluation of
     it only feeds a reduction), so XLA writes the new state in place and copies
     nothing. `update_in_cond=False` for a step you `vmap` (as
@@ -252,7 +277,11 @@ def make_train_step(
             return optax.apply_updates(state.params, u), s, model_state
 
         def skip() -> tuple:
-            return state.params, state.opt_state, state.model_state
+            return (
+                state.params,
+                _schedules_moved_on(state.opt_state, new_opt_state),
+                state.model_state,
+            )
 
         params, opt_state, model_state = jax.lax.cond(ok, apply, skip)
         skipped = state.skipped + (~ok).astype(jnp.int32)
