@@ -503,7 +503,7 @@ def _resume_changes(args: argparse.Namespace, stored: dict | None) -> dict[str, 
 def cmd_masks(args: argparse.Namespace) -> int:
     ds = _dataset(args)
     model = _model(args, ds)
-    params, _ = model.init(jax.random.PRNGKey(0))
+    params, _ = jax.eval_shape(model.init, jax.random.PRNGKey(0))  # shapes: nothing runs
     print(f"{args.model} on {ds.summary()}; mask: {' '.join(args.mask)}")
     masks.describe(params, parse_mask(args.mask))
     return 0
@@ -638,7 +638,7 @@ def _train(args: argparse.Namespace, out: pathlib.Path) -> int:
     if auto:
         tuner = Tuner(opt, learning_rate=args.auto_decay_lr, horizon=args.auto_decay_horizon)
     loss_terms = _penalties(args, mask)
-    params, _ = model.init(jax.random.PRNGKey(0))
+    params, _ = jax.eval_shape(model.init, jax.random.PRNGKey(0))  # shapes: nothing runs
     table = masks.describe(params, mask, file=None)  # validates the mask before training
 
     ckpt = None
