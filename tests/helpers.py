@@ -38,6 +38,12 @@ def tol(dtype: Any) -> float:
     }[jnp.dtype(dtype)]
 
 
+def float_leaves(tree: Any) -> list:
+    """The floating-point leaves of ``tree`` (an optimizer state's moments and
+    hyperparameters, not its step counts)."""
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+
+
 def bits(tree: Any) -> list[tuple]:
     """Dtype, shape and raw bytes of every leaf: equal lists mean equal bit for bit
     (``-0.0 != 0.0``, and NaNs compare by payload)."""

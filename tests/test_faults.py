@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import float_leaves
 
 import wdjax
 from wdjax.lab import checkpoint, cli, data, tasks, train
@@ -82,10 +83,6 @@ OPT = wdjax.adamw(1e-2, 1e-3)
 
 def _finite(tree: Any) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
-
-
-def _floats(tree: Any) -> list:
-    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
 
 
 def _adam_counts(opt_state: Any) -> list[int]:
@@ -640,7 +637,7 @@ class TestBadStepsAreSkipped:
         assert _same(states[K + 1].params, states[K].params)
         # moments, η, λ and Adam's count stay; the count the schedules read moves on
         before, after = states[K].opt_state, states[K + 1].opt_state
-        assert _same(_floats(after), _floats(before))
+        assert _same(float_leaves(after), float_leaves(before))
         assert _adam_counts(after) == _adam_counts(before)
         assert int(after.count) == int(before.count) + 1
         assert int(states[K + 1].skipped) == 1 and int(metrics[K]["skipped"]) == 1
