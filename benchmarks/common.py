@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -129,8 +130,6 @@ def wdjax_optimizer(l1: bool = False) -> optax.GradientTransformation:
 
 def matmul_gflops(n: int = 2048) -> float:
     """XLA's f32 matmul rate on this machine: the best of 10 calls of an n×n product."""
-    import time
-
     a = jax.device_put(np.random.default_rng(0).random((n, n), np.float32))
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -339,7 +338,6 @@ class TorchWorker:
 
     def ask(self, **request: Any) -> dict[str, Any]:
         import json
-        import time
 
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
