@@ -4,6 +4,7 @@ batches, the library's step and the hand-written Optax and PyTorch contenders.""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -337,8 +338,6 @@ class TorchWorker:
         self.settle = settle
 
     def ask(self, **request: Any) -> dict[str, Any]:
-        import json
-
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
