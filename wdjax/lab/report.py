@@ -89,7 +89,9 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> None:
     panels = [(t, s) for t, s in panels if history and any(k in history[0] for k, _ in s)]
     if history and "hypergradient" in history[0]:  # a tuned λ: show its course
         panels.append(("λ (tuned)", (("weight_decay", "λ"),)))
-    fig = Figure(figsize=(4.4 * len(panels), 3.6), layout="constrained")
+    width = 4.4 * len(panels)  # fixed margins: a layout engine draws twice (0.1 s a figure)
+    fig = Figure(figsize=(width, 3.6))
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.2 / width, bottom=0.14, top=0.91, wspace=0.25)
     for ax, (title, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for key, label in series:
             if key in history[0]:

@@ -597,8 +597,8 @@ def init_state_on(
     `jit(init, out_shardings=...)`: no leaf is ever whole on one device. Returns the
     state and its shardings (None without a layout)."""
     init = functools.partial(init_state, model, optimizer, tuner=tuner)
-    if layout is None:
-        return init(key, params), None
+    if layout is None:  # fresh params: one program, not one per eager op (start-up)
+        return (init(key, params) if params is not None else jax.jit(init)(key, None)), None
     abstract = jax.eval_shape(init, key, params)
     shardings = layout.shardings(abstract, abstract.params)
     if params is not None:
