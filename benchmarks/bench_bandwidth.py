@@ -3,7 +3,9 @@ in place (donated), vs an in-place copy of the same number of bytes in the same 
 
 Bytes counted per parameter: read params, grads, mu, nu (16 B); write params, mu, nu
 (12 B): 28 B. The copy reads and writes 4 B per float, so it copies 3.5·N floats. The
-few scalars (step counts, hyperparameters) are not counted."""
+few scalars (step counts, hyperparameters) are not counted. ``same_streams`` moves the
+same 28 B a parameter in AdamW's pattern (four arrays read, three written back in
+place) with one add each: the roofline for this access pattern."""
 
 from __future__ import annotations
 
@@ -54,6 +56,24 @@ def _updater(opt: optax.GradientTransformation, params: Any, grads: Any):
     return run
 
 
+def _same_streams(params: Any, grads: Any):
+    """AdamW's memory traffic with trivial arithmetic: read p, g, m, v and write p, m, v
+    back in place (``x ← x + g``), 28 B a parameter: the ceiling of any fused update
+    with that access pattern."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def touch(pmv, g):
+        return tuple(jax.tree.map(jnp.add, x, g) for x in pmv)
+
+    box = [tuple(jax.tree.map(jnp.copy, params) for _ in range(3))]
+
+    def run():
+        box[0] = touch(box[0], grads)
+        return jax.block_until_ready(box[0])
+
+    return run
+
+
 def _copier(n_floats: int):
     """In-place copy (``dynamic_update_slice`` into a donated buffer: read 4n B, write 4n B)."""
     src = jnp.ones((n_floats // COLS, COLS), jnp.float32)
@@ -89,6 +109,7 @@ def run(cfg: Any) -> dict[str, Any]:
         contenders = {
             "wdjax_adamw": _updater(wdjax.adamw(1e-3, 1e-4), params, grads),
             "optax_adamw": _updater(optax.adamw(1e-3, weight_decay=1e-4, mask=mask), params, grads),
+            "same_streams": _same_streams(params, grads),
             "copy": _copier(n_copy),
             "numpy_copyto": _numpy_copier(n_copy),
         }
@@ -96,6 +117,7 @@ def run(cfg: Any) -> dict[str, Any]:
         bytes_moved = {
             "wdjax_adamw": BYTES_PER_PARAM * n,
             "optax_adamw": BYTES_PER_PARAM * n,
+            "same_streams": BYTES_PER_PARAM * n,
             "copy": 8 * n_copy,
             "numpy_copyto": 8 * n_copy,
         }
@@ -113,6 +135,9 @@ def run(cfg: Any) -> dict[str, Any]:
                 "optax_adamw/copy": res["optax_adamw"]["GB_per_s"] / copy_bw,
                 "wdjax_adamw/optax_adamw": res["wdjax_adamw"]["GB_per_s"]
                 / res["optax_adamw"]["GB_per_s"],
+                "same_streams/copy": res["same_streams"]["GB_per_s"] / copy_bw,
+                "wdjax_adamw/same_streams": res["wdjax_adamw"]["GB_per_s"]
+                / res["same_streams"]["GB_per_s"],
             },
         }
         entry["met"] = entry["ratios"]["wdjax_adamw/copy"] >= TARGET
@@ -129,7 +154,8 @@ def summary(s: dict[str, Any]) -> list[list[str]]:
             f"3. update bandwidth, {e['params']:,} params: wdjax AdamW / in-place copy",
             f"{num(e['ratios']['wdjax_adamw/copy'])} "
             f"({num(e['contenders']['wdjax_adamw']['GB_per_s'], '.1f')} vs "
-            f"{num(e['contenders']['copy']['GB_per_s'], '.1f')} GB/s)",
+            f"{num(e['contenders']['copy']['GB_per_s'], '.1f')} GB/s; AdamW's access pattern "
+            f"with trivial arithmetic: {num(e['ratios']['same_streams/copy'])})",
             f"≥ {TARGET}",
             yes(e["met"]),
         ]
@@ -153,8 +179,13 @@ def render(s: dict[str, Any]) -> str:
             f"Ratios: {ratios(e['ratios'])}.",
         ]
         if not e["met"]:
+            r = e["ratios"]
             out.append(
-                f"**Open:** {num(e['ratios']['wdjax_adamw/copy'])} × an in-place copy (target "
-                f"≥ {TARGET}; optax.adamw: {num(e['ratios']['optax_adamw/copy'])})."
+                f"**Open:** {num(r['wdjax_adamw/copy'])} × an in-place copy (target ≥ {TARGET}; "
+                f"optax.adamw: {num(r['optax_adamw/copy'])}). The limit is the access pattern, "
+                f"not the update's arithmetic: `same_streams`, which moves AdamW's bytes in the "
+                f"same pattern with one add per array, reaches {num(r['same_streams/copy'])} × "
+                f"the copy, and wdjax's AdamW {num(r['wdjax_adamw/same_streams'])} × "
+                "`same_streams`."
             )
     return "\n\n".join(out)

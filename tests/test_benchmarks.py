@@ -109,9 +109,9 @@ def test_quick_run(tmp_path):
     assert tp["ratio_library"] > 0
 
     (size,) = b["bandwidth"]["sizes"].values()
-    for c in ("wdjax_adamw", "optax_adamw", "copy"):
+    for c in ("wdjax_adamw", "optax_adamw", "same_streams", "copy"):
         assert size["contenders"][c]["GB_per_s"] > 0
-    assert size["ratios"]["wdjax_adamw/copy"] > 0
+    assert size["ratios"]["wdjax_adamw/copy"] > 0 and size["ratios"]["same_streams/copy"] > 0
 
     r = b["sweep"]["result"]
     for side, names in (("user", ("sweep", "fit_calls")), ("warm", ("sweep", "sequential"))):

@@ -190,7 +190,8 @@ def multiplier(
     if not callable(max_learning_rate) and not isinstance(max_learning_rate, jax.core.Tracer):
         if not max_learning_rate > 0:
             raise ValueError(
-                f"lr_coupling={lr_coupling!r} divides by η_max: it must be > 0, got "
+                f"lr_coupling={lr_coupling!r} divides by η_max (max_learning_rate, or the "
+                f"learning_rate itself): it must be > 0, got "
                 f"{max_learning_rate!r}"
             )
     power = 1 if lr_coupling == "schedule" else 2
