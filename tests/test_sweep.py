@@ -15,16 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import wdjax
-from wdjax import optimizers
+from wdjax import masks, optimizers
 from wdjax.distributed import Layout, make_mesh
-from wdjax.lab import data, models, train
+from wdjax.lab import data, models, sweeps, tasks, train
 from wdjax.lab.folds import kfold_rows
 from wdjax.lab.memory import CPU_MEMORY_BUDGET, member_bytes, memory_budget
 from wdjax.lab.selection import select_setting
@@ -106,6 +108,33 @@ def test_member_equals_sequential_fit(digits, mlp, grid, i):
     last = ref.history[-1]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "weight_norm", "zero_fraction"):
         assert m[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
+
+
+def _sort_shapes(epoch, *args) -> list[str]:
+    hlo = epoch.lower(*args).compile().as_text()
+    return re.findall(r"= \(?\w+(\[[\d,]*\])[^=]* sort\(", hlo)
+
+
+def test_members_of_one_seed_share_one_batch_order(digits, mlp):
+    """Members of one seed draw their batch order once (a sort over the rows, with no
+    member axis; members of several seeds sort each their own), and each still trains
+    exactly as its `fit` run."""
+    kw = {"weight_decay": [0.0, 0.05], "learning_rate": [5e-3], "epochs": 2}
+    got = sweep(digits, model=mlp, batch_size=128, progress=False, **kw)
+    for i, m in enumerate(got.members):
+        opt = optimizers.adamw(m["learning_rate"], m["weight_decay"])
+        ref = train.fit(mlp, opt, digits, epochs=2, batch_size=128, progress=False)
+        assert_trees_close(member(got, i), ref.state.params)
+
+    task = tasks.as_task(mlp)
+    opt = optimizers.adamw(5e-3, 0.0)
+    _, epoch = sweeps._program(task, opt, 128, (), masks.DEFAULT)
+    one = train.init_state(task, opt, jax.random.PRNGKey(0))
+    state = jax.tree.map(lambda a: jnp.stack([a] * 2), one)
+    args = (state, digits.arrays("train"), None, digits.arrays("val"), None, 9)
+    n = len(digits.y_train)
+    assert _sort_shapes(epoch, *args, (one.rng, jnp.int32(0))) == [f"[{n}]"]
+    assert _sort_shapes(epoch, *args) == [f"[2,{n}]"]
 
 
 def test_chunks_of_two_equal_one_chunk(digits, mlp, grid):

@@ -267,10 +267,16 @@ def test_weight_metrics_once_an_epoch_equal_the_last_steps(digits, small_mlp):
 
 
 def test_a_second_fit_reuses_the_compiled_programs(digits, small_mlp):
-    """Same task, optimizer and shapes: the second `fit` traces nothing new (its runner
-    is shared) and computes the same run."""
+    """Same task, optimizer and shapes: the second `fit` compiles nothing and traces
+    nothing new (its runner is shared), and computes the same run."""
     opt = wdjax.adamw(1e-2, 1e-3)
     first = train.fit(small_mlp, opt, digits, epochs=1, batch_size=128, progress=False)
+    events = []
+    jax.monitoring.register_event_duration_secs_listener(lambda name, *_, **__: events.append(name))
+    train.fit(small_mlp, opt, digits, epochs=1, batch_size=128, progress=False)
+    assert not [e for e in events if e.endswith("backend_compile_duration")]
+    jax.jit(lambda x: x * 3.0)(np.ones(2, np.float32))  # a compilation the listener hears
+    assert [e for e in events if e.endswith("backend_compile_duration")]
     traces = []
     original = train.run_steps
 

@@ -65,6 +65,7 @@ from wdjax.lab.tasks import Batch, Task
 from wdjax.lab.train import (
     LAST,
     TrainState,
+    batch_order,
     chunks,
     init_state,
     make_train_step,
@@ -161,15 +162,27 @@ def _program(
     spmd = "members" if layout is not None and layout.size("members") > 1 else None
 
     def epoch(
-        state: TrainState, train: Batch, rows: Any, val: Batch, held: Any, length: int
+        state: TrainState,
+        train: Batch,
+        rows: Any,
+        val: Batch,
+        held: Any,
+        length: int,
+        shared: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        """`length` steps of every member, then its epoch metrics and validation."""
+        """`length` steps of every member, then its epoch metrics and validation.
+        `shared`: `(rng, first step)` of members that share a seed: one batch order,
+        computed once, serves them all (else each member computes its own)."""
+        order = None
+        if shared is not None:  # each member's batches are then one unbatched array
+            n = jax.tree.leaves(train)[0].shape[0] if rows is None else rows.shape[1]
+            order = batch_order(*shared, n, batch_size, length)
 
         def one(s: TrainState, r: Any, h: Any) -> tuple[TrainState, dict]:
             held = None  # a tuner's held-out batches: the member's held-out rows
             if tuner is not None:
                 held = val if h is None else jax.tree.map(lambda a: a[h], val)
-            return run_steps(step, s, train, batch_size, length, r, held=held)
+            return run_steps(step, s, train, batch_size, length, r, held=held, order=order)
 
         def members(fn: Callable) -> Callable:
             if batching == "vmap":
@@ -279,11 +292,14 @@ def _train(
         state = state._replace(opt_state=opt_state)
         if tuner is not None:  # each member's tuner starts from its own λ
             state = state._replace(tuner=jax.vmap(tuner.init)(opt_state, state.params))
+        one = len(set(seeds[members].tolist())) == 1  # a seed: one batch order for all
         rows, held = d.member_rows(folds[members])
         state, rows, held = (place(t, "members") for t in (state, rows, held))
         records = []
         for length in chunks(0, epochs * steps_per_epoch, steps_per_epoch, None):
-            state, record = run_epoch(state, train, rows, val, held, length)
+            start = jnp.asarray(len(records) * steps_per_epoch, jnp.int32)
+            shared = place((inits[seeds[members[0]]].rng, start), "replicated") if one else None
+            state, record = run_epoch(state, train, rows, val, held, length, shared)
             records.append({k: v[:real] for k, v in _gather(record).items()})
             bar.update(1)
             bar.set_postfix(

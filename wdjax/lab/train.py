@@ -38,6 +38,7 @@ __all__ = [
     "FitResult",
     "TrainState",
     "chunks",
+    "batch_order",
     "epoch_batches",
     "epoch_record",
     "evaluate",
@@ -344,6 +345,15 @@ def epoch_batches(rng: jax.Array, epoch: jax.Array, n: int, batch_size: int) -> 
     return perm[: steps * batch_size].reshape(steps, batch_size)
 
 
+def batch_order(rng: jax.Array, step: jax.Array, n: int, batch_size: int, length: int) -> jax.Array:
+    """Indices `(length, batch_size)` into `n` rows of the batches of steps `step …
+    step + length − 1` (all in one epoch), as [`epoch_batches`][wdjax.lab.train.epoch_batches]
+    orders them."""
+    per_epoch = n // batch_size
+    idx = epoch_batches(rng, step // per_epoch, n, batch_size)
+    return jax.lax.dynamic_slice_in_dim(idx, step % per_epoch, length)
+
+
 def run_steps(
     step: Callable,
     state: TrainState,
@@ -353,6 +363,7 @@ def run_steps(
     rows: jax.Array | None = None,
     unroll: bool = False,
     held: Batch | None = None,
+    order: jax.Array | None = None,
 ) -> tuple[TrainState, Metrics]:
     """`length` steps from `state.step` as one `lax.scan`, all within one epoch.
 
@@ -360,13 +371,14 @@ def run_steps(
     `rows` (optional) restricts training to those example indices (a fold), so
     vmapped members can train on different subsets of one copy of the data.
     `unroll=True` unrolls the scan (see [`fit`][wdjax.lab.train.fit] on convolutions on CPU).
-    `held`: held-out data; each step then gets `(batch, held-out batch)` (for a tuner)."""
+    `held`: held-out data; each step then gets `(batch, held-out batch)` (for a tuner).
+    `order`: the steps' [`batch_order`][wdjax.lab.train.batch_order], when it is computed
+    once for vmapped members that share a seed (their batches are then one unbatched
+    array, and a first layer one matmul for all members)."""
     n = jax.tree.leaves(data)[0].shape[0] if rows is None else rows.shape[0]
-    steps_per_epoch = n // batch_size
-    idx = epoch_batches(state.rng, state.step // steps_per_epoch, n, batch_size)
-    idx = jax.lax.dynamic_slice_in_dim(idx, state.step % steps_per_epoch, length)
-    if rows is not None:
-        idx = rows[idx]
+    if order is None:
+        order = batch_order(state.rng, state.step, n, batch_size, length)
+    idx = order if rows is None else rows[order]
 
     n_held = None if held is None else jax.tree.leaves(held)[0].shape[0]
 
@@ -597,8 +609,8 @@ def init_state_on(
     `jit(init, out_shardings=...)`: no leaf is ever whole on one device. Returns the
     state and its shardings (None without a layout)."""
     init = functools.partial(init_state, model, optimizer, tuner=tuner)
-    if layout is None:  # fresh params: one program, not one per eager op (start-up)
-        return (init(key, params) if params is not None else jax.jit(init)(key, None)), None
+    if layout is None:
+        return init(key, params), None
     abstract = jax.eval_shape(init, key, params)
     shardings = layout.shardings(abstract, abstract.params)
     if params is not None:
