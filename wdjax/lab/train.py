@@ -37,8 +37,8 @@ from wdjax.types import Mask, Params, is_float
 __all__ = [
     "FitResult",
     "TrainState",
-    "chunks",
     "batch_order",
+    "chunks",
     "epoch_batches",
     "epoch_record",
     "evaluate",
