@@ -668,6 +668,71 @@ class TestBadStepsAreSkipped:
         assert result.history[-1]["skipped"] == 1
 
 
+# ------------------------------------------------------------------ replayed stretches
+
+_X_NAN = _X[:48].copy()
+_X_NAN[5, 7] = np.nan  # one example: the batch that holds it has a NaN loss, every epoch
+
+
+def _init_spare(key: jax.Array) -> dict:
+    return {**_init(key), "spare": {"bias": jnp.zeros(4)}}  # no gradient ever reaches it
+
+
+# name: (task, data, optimizer factory, epochs): a fault the unguarded step applies
+REPLAYED = {
+    "nan example": (TASK, ({"x": _X_NAN, "y": _Y[:48]}, DATA[1]), lambda: OPT, 2),
+    "update overflows": (*SCHEDULES["update overflows"][:3], 2),
+    # Adam with ε = 0 on a zero gradient: 0/0; loss, gradients and η are finite,
+    # only the state shows it (the guarded run skips every step)
+    "0/0 update": (tasks.task(_init_spare, _mse), DATA, lambda: optax.adam(1e-2, eps=0.0), 2),
+    "lr nan": (*SCHEDULES["lr nan"][:3], 2),
+}
+
+
+def _fit_or_error(name: str, guard: str) -> Any:
+    task, data_, make, epochs = REPLAYED[name]
+    try:
+        return train.fit(
+            task, make(), data_, epochs=epochs, batch_size=BATCH, progress=False, guard=guard
+        )
+    except train.TrainingError as e:
+        return str(e)
+
+
+class TestReplayedStretches:
+    """`fit(guard="replay")` runs unguarded steps and replays a stretch with a fault
+    from its start with the guard: the run equals `guard="step"`'s, record for record,
+    whatever the fault, and only the faulty stretches run twice."""
+
+    @pytest.mark.parametrize("name", list(REPLAYED))
+    def test_equals_the_guarded_run(self, name, monkeypatch):
+        verdicts = []
+        faulty = train.stretch_faulty
+        monkeypatch.setattr(
+            train,
+            "stretch_faulty",
+            lambda a, b: verdicts.append(bool(faulty(a, b))) or verdicts[-1],
+        )
+        replayed = _fit_or_error(name, "replay")
+        guarded = _fit_or_error(name, "step")
+        assert verdicts and verdicts[0]  # the first epoch has the fault, and was replayed
+        if isinstance(guarded, str):
+            assert replayed == guarded
+            return
+        assert [r.keys() for r in replayed.history] == [r.keys() for r in guarded.history]
+        for a, b in zip(replayed.history, guarded.history, strict=True):
+            np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5)
+        for a, b in zip(*(jax.tree.leaves(r.state) for r in (replayed, guarded)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5)
+        assert replayed.diverged == guarded.diverged and _finite(replayed.state.params)
+        assert verdicts == [h["skipped"] > p for h, p in _skips(guarded.history)]
+
+
+def _skips(history: list[dict]) -> list[tuple[dict, float]]:
+    """Each epoch's record with the skipped count before it."""
+    return list(zip(history, [0.0] + [h["skipped"] for h in history[:-1]], strict=True))
+
+
 def _anchor() -> dict:
     return jax.tree.map(jnp.zeros_like, _init(jax.random.PRNGKey(0)))
 

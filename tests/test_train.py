@@ -99,6 +99,73 @@ def test_non_finite_step_is_skipped_and_counted(digits, small_mlp):
     assert int(good.skipped) == 1 and not _leaves_equal(good.params, state.params)
 
 
+def test_an_unguarded_step_applies_a_non_finite_step_and_counts_it(digits, small_mlp):
+    opt = wdjax.adamw(1e-3)
+    step = jax.jit(train.make_train_step(small_mlp, opt, guard=False))
+    state = train.init_state(small_mlp, opt, jax.random.PRNGKey(0))
+    x = np.array(digits.x_train[:16])
+    x[3, 2, 2, 0] = np.nan
+    new, metrics = step(state, {"x": jnp.asarray(x), "y": jnp.asarray(digits.y_train[:16])})
+    assert int(new.skipped) == 1 and int(metrics["skipped"]) == 1
+    assert not all(bool(jnp.all(jnp.isfinite(w))) for w in jax.tree.leaves(new.params))
+    assert bool(train.stretch_faulty(state, new))
+
+
+def _damaged(state: train.TrainState, where: str, value: float) -> train.TrainState:
+    """`state` with one element of its first kernel (or that kernel's Adam moment) set."""
+    if where == "skipped":
+        return state._replace(skipped=state.skipped + 1)
+    leaf = {"params": state.params, "moment": state.opt_state}[where]
+    path, w = next((p, w) for p, w in jax.tree_util.tree_leaves_with_path(leaf) if w.ndim == 2)
+    bad = w.at[0, 0].set(value)
+    tree = jax.tree_util.tree_map_with_path(lambda p, x: bad if p == path else x, leaf)
+    return state._replace(**{"params" if where == "params" else "opt_state": tree})
+
+
+@pytest.mark.parametrize(
+    "where, value, start, faulty",
+    [
+        ("params", np.nan, None, True),
+        ("params", np.inf, None, True),
+        ("params", -np.inf, None, True),
+        ("moment", np.nan, None, True),
+        ("moment", np.inf, None, True),
+        ("params", 3e38, None, False),  # large, finite
+        ("skipped", 0, None, True),
+        ("params", np.inf, np.inf, False),  # non-finite from the start (a best-so-far)
+        ("params", np.nan, np.inf, False),
+        ("moment", np.nan, np.nan, False),
+    ],
+)
+def test_stretch_faulty_finds_what_the_guard_would_skip(small_mlp, where, value, start, faulty):
+    opt = wdjax.adamw(1e-3)
+    before = train.init_state(small_mlp, opt, jax.random.PRNGKey(0))
+    if start is not None:
+        before = _damaged(before, where, start)
+    after = _damaged(before, where, value)
+    assert bool(train.stretch_faulty(before, after)) is faulty
+    assert not bool(train.stretch_faulty(before, before))
+
+
+def test_a_clean_replayed_run_equals_the_guarded_one_and_never_replays(
+    digits, small_mlp, monkeypatch
+):
+    verdicts = []
+    faulty = train.stretch_faulty
+    monkeypatch.setattr(
+        train, "stretch_faulty", lambda a, b: verdicts.append(bool(faulty(a, b))) or verdicts[-1]
+    )
+    runs = {
+        guard: train.fit(
+            small_mlp, wdjax.adamw(1e-3, 1e-4), digits, epochs=2, progress=False, guard=guard
+        )
+        for guard in ("replay", "step")
+    }
+    assert verdicts == [False, False]
+    for a, b in zip(runs["replay"].history, runs["step"].history, strict=True):
+        np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5)
+
+
 def test_global_norm_equals_optax_on_every_kind_of_tree(params_tree):
     # shapes of every rank (scalars, vectors, kernels), and the same tree in bfloat16
     for tree in (params_tree, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params_tree)):
@@ -262,8 +329,15 @@ def test_weight_metrics_once_an_epoch_equal_the_last_steps(digits, small_mlp):
             assert a[k] == pytest.approx(b[k], rel=1e-6)
     assert lean[-1]["zero_fraction"] > 0  # the L1 step made zeros: a real value
     assert "weight_norm" not in lean_steps[0] and len(full_steps[0]["weight_norm"]) > 1
-    with pytest.raises(ValueError, match="weight_metrics must be"):
-        train.fit(small_mlp, opt, digits, epochs=1, progress=False, weight_metrics="never")
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("weight_metrics", "never"), ("feed", "disk"), ("guard", "always"), ("guard", False)],
+)
+def test_fit_refuses_an_unknown_choice(digits, small_mlp, option, value):
+    with pytest.raises(ValueError, match=rf"^{option} must be '.*, got {value!r}$"):
+        train.fit(small_mlp, optax.sgd(0.1), digits, epochs=1, progress=False, **{option: value})
 
 
 def test_a_second_fit_reuses_the_compiled_programs(digits, small_mlp):
