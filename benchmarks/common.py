@@ -144,7 +144,8 @@ def matmul_gflops(n: int = 2048) -> float:
 
 def step_flops(model: Any, opt: optax.GradientTransformation, data: dict) -> float:
     """FLOPs of one library train step on ``data``, as XLA counts them."""
-    step = jax.jit(train.make_train_step(model, opt, weight_metrics_each_step=False))
+    step = train.make_train_step(model, opt, weight_metrics_each_step=False, guard=False)
+    step = jax.jit(step)
     state = train.init_state(model, opt, jax.random.PRNGKey(0))
     cost = step.lower(state, jax.device_put(data)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -155,11 +156,17 @@ def step_flops(model: Any, opt: optax.GradientTransformation, data: dict) -> flo
 
 
 def wdjax_step(
-    model: Any, opt: optax.GradientTransformation, data: dict, weight_metrics: bool = False
+    model: Any,
+    opt: optax.GradientTransformation,
+    data: dict,
+    weight_metrics: bool = False,
+    guard: bool = False,
 ) -> Callable[[], Any]:
-    """The library's train step as ``fit`` runs it (its metrics, the skip of non-finite
-    steps; per-step weight norms only with ``weight_metrics``), jitted, state donated."""
-    step = train.make_train_step(model, opt, weight_metrics_each_step=weight_metrics)
+    """The library's train step as ``fit`` runs it (its metrics, unguarded: ``fit``
+    replays a faulty stretch with the guard; per-step weight norms only with
+    ``weight_metrics``; ``guard=True``, the step of ``fit(guard="step")`` and of a
+    replay), jitted, state donated."""
+    step = train.make_train_step(model, opt, weight_metrics_each_step=weight_metrics, guard=guard)
     step = jax.jit(step, donate_argnums=0)
     b = jax.device_put(data)
     box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
@@ -171,13 +178,11 @@ def wdjax_step(
     return run
 
 
-def hand_step(model: Any, model_state: Any, opt: optax.GradientTransformation, guard: str = ""):
+def hand_step(model: Any, model_state: Any, opt: optax.GradientTransformation, cond: bool = False):
     """A hand-written ``step(params, opt_state, x, y) -> (params, opt_state, loss)``: loss,
-    grad, ``opt.update``, ``apply_updates``; no metrics. Not jitted. ``guard`` adds the
-    pieces of the library's skip of non-finite steps, each on its own: ``"norm"``, the
-    gradient norm (``train.global_norm``, added to the returned loss, so it is computed);
-    ``"cond"``, the update under ``lax.cond`` on the finite loss alone; ``"skip"``, both
-    (the update under ``lax.cond(finite norm and loss)``)."""
+    grad, ``opt.update``, ``apply_updates``; no metrics. Not jitted. ``cond=True`` puts
+    the update under a ``lax.cond`` on the finite loss alone: the structure of the
+    library's guard against non-finite steps, without its checks."""
 
     def loss_fn(p, x, y):
         logits, _ = model.apply(p, model_state, x, train=True)
@@ -190,21 +195,19 @@ def hand_step(model: Any, model_state: Any, opt: optax.GradientTransformation, g
             u, new_s = opt.update(g, s, p)
             return optax.apply_updates(p, u), new_s
 
-        norm = train.global_norm(g) if guard in ("norm", "skip") else 0.0
-        if guard in ("", "norm"):
-            return (*update(), loss + norm)
-        ok = jnp.isfinite(norm) & jnp.isfinite(loss)
-        return (*jax.lax.cond(ok, update, lambda: (p, s)), loss)
+        if not cond:
+            return (*update(), loss)
+        return (*jax.lax.cond(jnp.isfinite(loss), update, lambda: (p, s)), loss)
 
     return step
 
 
 def minimal_step(
-    model: Any, opt: optax.GradientTransformation, data: dict, guard: str = ""
+    model: Any, opt: optax.GradientTransformation, data: dict, cond: bool = False
 ) -> Callable[[], Any]:
     """:func:`hand_step` jitted, params and optimizer state donated, on one batch."""
     params, model_state = model.init(jax.random.PRNGKey(0))
-    step = jax.jit(hand_step(model, model_state, opt, guard), donate_argnums=(0, 1))
+    step = jax.jit(hand_step(model, model_state, opt, cond), donate_argnums=(0, 1))
     x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
     box = [params, opt.init(params)]
 
@@ -227,15 +230,22 @@ def scanned_steps(
     length: int,
 ) -> Callable[[], Any]:
     """``length`` library steps as one ``lax.scan`` over device-resident data, as ``fit``
-    runs them (``train.run_steps``, state donated): one call is one epoch of
-    ``batch_size * length`` random examples."""
-    step = train.make_train_step(model, opt, weight_metrics_each_step=False)
+    runs them (``train.run_steps``, state donated, unguarded from a copy of the start
+    state that a faulty stretch would be replayed from: ``train.replay_faulty``): one
+    call is one epoch of ``batch_size * length`` random examples."""
+    steps = {
+        g: train.make_train_step(model, opt, weight_metrics_each_step=False, guard=g)
+        for g in (False, True)
+    }
     run_steps = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
     data = jax.device_put(batch(batch_size, n=batch_size * length))
     box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
 
+    def stretch(state: Any, guarded: bool) -> Any:
+        return run_steps(steps[guarded], state, data, batch_size, length)
+
     def run():
-        box[0], metrics = run_steps(step, box[0], data, batch_size, length)
+        box[0], metrics = train.replay_faulty(stretch, box[0])
         return jax.block_until_ready((box[0], metrics))
 
     return run
