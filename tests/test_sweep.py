@@ -137,6 +137,30 @@ def test_members_of_one_seed_share_one_batch_order(digits, mlp):
     assert _sort_shapes(epoch, *args) == [f"[2,{n}]"]
 
 
+def test_a_chunk_with_a_diverging_member_replays_and_stays_guarded(digits, mlp, monkeypatch):
+    """η = 1e30 blows the second member up at its second step (its later steps are all
+    skipped): its chunk's first epoch runs unguarded, again guarded, and the chunk stays
+    guarded; the other chunk never runs guarded. Every member is still its `fit` run."""
+    runs = []
+
+    def spy(stretch, state):
+        flags = []
+        runs.append(flags)
+        return train.replay_faulty(lambda s, g: flags.append(g) or stretch(s, g), state)
+
+    monkeypatch.setattr(sweeps, "replay_faulty", spy)
+    lrs = [5e-3, 1e30, 2e-3]
+    got = sweep(digits, model=mlp, learning_rate=lrs, weight_decay=[0.0], epochs=2, batch_size=128,
+                chunk_size=2, progress=False)  # fmt: skip
+    assert runs == [[False, True], [False], [False]]  # chunk 1: epoch 1 only; chunk 2: both
+    assert [m["skipped"] > 0 for m in got.members] == [False, True, False]
+    for i, lr in enumerate(lrs):
+        ref = train.fit(mlp, optimizers.adamw(lr, 0.0), digits, epochs=2, batch_size=128,
+                        progress=False)  # fmt: skip
+        assert_trees_close(member(got, i), ref.state.params)
+        assert got.members[i]["skipped"] == ref.history[-1]["skipped"]
+
+
 def test_chunks_of_two_equal_one_chunk(digits, mlp, grid):
     chunked = sweep(digits, model=mlp, chunk_size=2, **GRID)
     assert chunked.config["chunk_size"] == 2

@@ -33,7 +33,10 @@ k-fold cross-validation pools the training (and validation) rows, deals them int
 one) and trains fold `f` on the row indices of the others: one copy of the data, folds
 vmapped like any other axis. When K members do not fit in memory they run in chunks
 (the last one padded by repeating its last member, so one compiled program serves
-every chunk).
+every chunk). A chunk's epochs run unguarded steps; the first epoch in which a member
+had a fault (a non-finite loss, gradient or update: a diverging η, say) runs again from
+a copy of its start with the guarded step, as do the chunk's later epochs
+(see [`wdjax.lab.train.replay_faulty`][]).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from wdjax.hypergradient import Tuner
 from wdjax.lab import data as data_lib
 from wdjax.lab import models, report, tasks
 from wdjax.lab.folds import kfold_rows
-from wdjax.lab.memory import member_bytes, memory_budget
+from wdjax.lab.memory import member_bytes, memory_budget, nbytes
 from wdjax.lab.selection import SELECTS, Select, select_setting, summarize
 from wdjax.lab.tasks import Batch, Task
 from wdjax.lab.train import (
@@ -69,6 +72,7 @@ from wdjax.lab.train import (
     chunks,
     init_state,
     make_train_step,
+    replay_faulty,
     run_steps,
     weight_metrics,
 )
@@ -143,12 +147,14 @@ def _program(
     layout: Layout | None = None,
     tuner: Tuner | None = None,
     batching: str = "vmap",
+    guard: bool = True,
 ) -> tuple[Callable, Callable]:
     """The train step and the jitted epoch of a chunk of members; cached, so sweeps of
     the same structure compile once. With a layout, members are split over its
     `members` axis (the vmap's `spmd_axis_name`) and each member's batches over its
     data axes; every output stays split by member. `batching="map"`: the chunk's
-    members run one after another inside the program (`lax.map`), not batched."""
+    members run one after another inside the program (`lax.map`), not batched.
+    `guard`: the step's (see [`make_train_step`][wdjax.lab.train.make_train_step])."""
     step = make_train_step(
         task,
         opt,
@@ -158,6 +164,7 @@ def _program(
         tuner=tuner,
         weight_metrics_each_step=False,  # once an epoch, below
         update_in_cond=batching == "map",  # vmap turns the skip's cond into a select
+        guard=guard,
     )
     spmd = "members" if layout is not None and layout.size("members") > 1 else None
 
@@ -254,7 +261,7 @@ def _injected(opt_state: Any) -> set[str]:
 def _train(
     task: Task,
     opt: optax.GradientTransformation,
-    run_epoch: Callable,
+    run_epoch: Callable[[bool], Callable],
     d: _Data,
     hyper: dict[str, np.ndarray],
     seeds: np.ndarray,
@@ -268,7 +275,9 @@ def _train(
     tuner: Tuner | None = None,
 ) -> tuple[dict[str, np.ndarray], Any, Any]:
     """Train members `i = (hyper[h][i], seeds[i], folds[i])` in chunks; return per-epoch
-    metrics `(members, epochs)` and the final params and model_state stacked over members."""
+    metrics `(members, epochs)` and the final params and model_state stacked over members.
+    `run_epoch(guarded)`: the jitted epoch, unguarded until a member has a fault (the
+    epoch is replayed guarded, as is the rest of the chunk)."""
     inits = {
         s: init_state(task, opt, jax.random.PRNGKey(s), tuner=tuner) for s in set(seeds.tolist())
     }
@@ -295,11 +304,17 @@ def _train(
         one = len(set(seeds[members].tolist())) == 1  # a seed: one batch order for all
         rows, held = d.member_rows(folds[members])
         state, rows, held = (place(t, "members") for t in (state, rows, held))
-        records = []
+        records, used = [], []  # used: the guard flags the chunk's epochs ran with
         for length in chunks(0, epochs * steps_per_epoch, steps_per_epoch, None):
             start = jnp.asarray(len(records) * steps_per_epoch, jnp.int32)
             shared = place((inits[seeds[members[0]]].rng, start), "replicated") if one else None
-            state, record = run_epoch(state, train, rows, val, held, length, shared)
+            args = (train, rows, val, held, length, shared)
+
+            def epoch(s: TrainState, g: bool, args: tuple = args, used: list = used) -> tuple:
+                used.append(g)
+                return run_epoch(g)(s, *args)
+
+            state, record = epoch(state, True) if True in used else replay_faulty(epoch, state)
             records.append({k: v[:real] for k, v in _gather(record).items()})
             bar.update(1)
             bar.set_postfix(
@@ -468,9 +483,15 @@ def sweep(
         )
     if tuner is not None and tuner.optimizer is not opt:
         raise ValueError("the tuner must be built on the sweep's optimizer: Tuner(optimizer)")
-    step, run_epoch = _cached(
-        _program, task, opt, batch_size, tuple(penalties), mask, layout, tuner, batching
-    )
+    key = (task, opt, batch_size, tuple(penalties), mask, layout, tuner, batching)
+    programs = {True: _cached(_program, *key, True)}  # the unguarded one is built first
+    step = programs[True][0]
+
+    def run_epoch(guarded: bool) -> Callable:
+        if guarded not in programs:
+            programs[guarded] = _cached(_program, *key, guarded)
+        return programs[guarded][1]
+
     state = jax.eval_shape(lambda: init_state(task, opt, jax.random.PRNGKey(0), tuner=tuner))
     missing = set(grid) - _injected(state.opt_state)
     if missing:
@@ -499,7 +520,8 @@ def sweep(
             lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype), d.train
         )
         batch = batch if tuner is None else (batch, batch)  # a tuner's steps take two
-        chunk_size = memory_budget() // member_bytes(step, state, batch)
+        # the state, a step's intermediates, and the copy of the state an epoch may replay from
+        chunk_size = memory_budget() // (member_bytes(step, state, batch) + nbytes(state))
         if jax.process_count() > 1:  # every process must run the same chunks: process 0's
             chunk_size = int(multihost_utils.broadcast_one_to_all(np.int64(chunk_size)))
     width = 1 if layout is None else layout.size("members")  # chunk_size is per device

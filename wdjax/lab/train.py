@@ -145,12 +145,12 @@ def _all_finite(tree: Any) -> jax.Array:
 
 @jax.jit
 def stretch_faulty(before: TrainState, after: TrainState) -> jax.Array:
-    """True when `guard=False` steps from `before` to `after` include one the guard
-    would have skipped: a step counted in `skipped`, or a value of the params or the
-    optimizer state that was finite before and is not after (an applied non-finite
-    update leaves one: NaN survives every operation of an update but a select, ±∞
-    stays ±∞ or becomes NaN; values non-finite from the start, such as a best-so-far
-    of +∞, do not count)."""
+    """True when `guard=False` steps from `before` to `after` (one run, or stacked
+    members: then any of them) include one the guard would have skipped: a step counted
+    in `skipped`, or a value of the params or the optimizer state that was finite
+    before and is not after (an applied non-finite update leaves one: NaN survives
+    every operation of an update but a select, ±∞ stays ±∞ or becomes NaN; values
+    non-finite from the start, such as a best-so-far of +∞, do not count)."""
 
     def became(b: jax.Array, a: jax.Array) -> jax.Array:
         return jnp.any(jnp.isfinite(b) & ~jnp.isfinite(a)) if is_float(a) else jnp.array(False)
@@ -159,7 +159,7 @@ def stretch_faulty(before: TrainState, after: TrainState) -> jax.Array:
     bad = [
         became(b, a) for tb, ta in trees for b, a in zip(jax.tree.leaves(tb), jax.tree.leaves(ta))
     ]
-    return (after.skipped != before.skipped) | jnp.any(jnp.stack(bad))
+    return jnp.any(after.skipped != before.skipped) | jnp.any(jnp.stack(bad))
 
 
 def replay_faulty(
