@@ -82,17 +82,22 @@ def sequential(
     seed: int = 0,
 ) -> list[train.TrainState]:
     """``fit(model, adamw(η, λ), ds, seed=seed, progress=False)`` for each λ, one after another,
-    sharing one compiled epoch: per epoch the scan, the per-step metrics to the host and
-    the record with its validation pass, as ``fit`` does."""
+    sharing one compiled epoch: per epoch the scan (unguarded, from a copy of its start
+    state that a faulty epoch would be replayed from), the per-step metrics to the host
+    and the record with its validation pass, as ``fit`` does."""
     train_data = jax.device_put(ds.arrays("train"))
     steps_per_epoch = len(ds.y_train) // batch_size
-    step = _step(model, opt, weight_metrics_each_step=False)
     states = []
     for wd in weight_decays:
         state = train.init_state(model, opt, jax.random.PRNGKey(seed))
         state = state._replace(opt_state=wdjax.set_hyperparams(state.opt_state, weight_decay=wd))
         for length in train.chunks(0, epochs * steps_per_epoch, steps_per_epoch, None):
-            state, metrics = _run(step, state, train_data, batch_size, length)
+
+            def stretch(s: train.TrainState, guarded: bool, length: int = length) -> Any:
+                step = _step(model, opt, weight_metrics_each_step=False, guard=guarded)
+                return _run(step, s, train_data, batch_size, length)
+
+            state, metrics = train.replay_faulty(stretch, state)
             per_step = {k: np.asarray(v).tolist() for k, v in metrics.items()}
             epoch = int(state.step) // steps_per_epoch
             train.epoch_record(model, state, ds, per_step, epoch, masks.DEFAULT)
@@ -100,7 +105,7 @@ def sequential(
     return states
 
 
-B = (False, True)  # update_in_cond: False for a vmapped step (as sweep), True unbatched
+B = (False, True)  # update_in_cond of a guarded step: False vmapped (as sweep), True unbatched
 _step = functools.cache(train.make_train_step)  # one step function, so one compilation
 _run = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
 
@@ -141,8 +146,10 @@ def epoch_anatomy(
     rounds: int,
 ) -> dict[str, Any]:
     """One training epoch (``run_steps`` scan, no validation) of K members: vmapped (as the
-    sweep runs it) vs K unbatched calls, for the library's step, the step without weight
-    metrics and a minimal step: where the sweep's warm compute goes."""
+    sweep runs it) vs K unbatched calls, for the library's step (unguarded, as ``sweep``
+    and ``fit`` run a fault-free epoch), that step with per-step weight metrics, the
+    guarded step (as they replay a faulty one) and a minimal step: where the sweep's warm
+    compute goes."""
     opt = optimizers.adamw(lr, 0.0)
     train_data = jax.device_put(ds.arrays("train"))
     length = len(ds.y_train) // batch_size
@@ -153,8 +160,9 @@ def epoch_anatomy(
     )
     library = functools.partial(train.make_train_step, model, opt)
     steps = {  # (vmapped, unbatched): each as the sweep and fit build it
-        "library_step": [library(weight_metrics_each_step=False, update_in_cond=u) for u in B],
-        "with_weight_metrics": [library(update_in_cond=u) for u in B],
+        "library_step": [library(weight_metrics_each_step=False, guard=False)] * 2,
+        "with_weight_metrics": [library(guard=False)] * 2,
+        "guarded_step": [library(weight_metrics_each_step=False, update_in_cond=u) for u in B],
         "minimal_step": [_plain_step(model, opt)] * 2,
     }
     contenders = {}
@@ -195,18 +203,14 @@ def width_scan(
         opt = optimizers.adamw(lr, 1e-4)
         one = train.init_state(model, opt, jax.random.PRNGKey(0))
         stacked = jax.tree.map(lambda a: jnp.stack([a] * members), one)
-        for_vmap, epoch = (
-            functools.partial(
-                train.run_steps,
-                train.make_train_step(model, opt, weight_metrics_each_step=False,
-                                      update_in_cond=u),
-                data=train_data, batch_size=batch_size, length=length,
-            )
-            for u in B
+        epoch = functools.partial(  # unguarded, as sweep and fit run a fault-free epoch
+            train.run_steps,
+            train.make_train_step(model, opt, weight_metrics_each_step=False, guard=False),
+            data=train_data, batch_size=batch_size, length=length,
         )  # fmt: skip
         vmapped, mapped = (
-            _members(f, b, len(ds.y_train), batch_size, length)
-            for f, b in ((for_vmap, "vmap"), (epoch, "map"))  # sweep(batching=b)
+            _members(epoch, b, len(ds.y_train), batch_size, length)
+            for b in ("vmap", "map")  # sweep(batching=b)
         )
         single = jax.jit(epoch)
         res = interleaved(
@@ -570,11 +574,13 @@ def render(s: dict[str, Any]) -> str:
             text += (
                 ". Per epoch, vmapped / one after another: library step "
                 f"{num(a.get('library_step'))}, with per-step weight metrics "
-                f"{num(a.get('with_weight_metrics'))}, a minimal step (no skip, loss only) "
+                f"{num(a.get('with_weight_metrics'))}, guarded "
+                f"{num(a.get('guarded_step'))}, a minimal step (no skip, loss only) "
                 f"{num(a.get('minimal_step'))}: even the minimal step gains "
                 + ("nothing" if a.get("minimal_step", 0) >= 0.95 else "little")
-                + " from `vmap` here. (Under `vmap` the step's `lax.cond` skip, with a "
-                "per-member predicate, becomes a select that computes both branches.)"
+                + " from `vmap` here. (Under `vmap` the guard's `lax.cond`, with a "
+                "per-member predicate, becomes a select that computes both branches; a "
+                "sweep runs the guarded step only in a chunk where a member faulted.)"
             )
         else:
             text += "."

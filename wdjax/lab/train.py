@@ -155,11 +155,16 @@ def stretch_faulty(before: TrainState, after: TrainState) -> jax.Array:
     def became(b: jax.Array, a: jax.Array) -> jax.Array:
         return jnp.any(jnp.isfinite(b) & ~jnp.isfinite(a)) if is_float(a) else jnp.array(False)
 
-    trees = [(before.params, after.params), (before.opt_state, after.opt_state)]
-    bad = [
-        became(b, a) for tb, ta in trees for b, a in zip(jax.tree.leaves(tb), jax.tree.leaves(ta))
-    ]
-    return jnp.any(after.skipped != before.skipped) | jnp.any(jnp.stack(bad))
+    def watched(s: TrainState) -> tuple:
+        return s.params, s.opt_state
+
+    def new_non_finite() -> jax.Array:  # `before` is read only when `after` is not clean
+        pairs = zip(jax.tree.leaves(watched(before)), jax.tree.leaves(watched(after)))
+        return jnp.any(jnp.stack([became(b, a) for b, a in pairs]))
+
+    clean = _all_finite(watched(after))
+    new = jax.lax.cond(clean, lambda: jnp.array(False), new_non_finite)
+    return jnp.any(after.skipped != before.skipped) | new
 
 
 def replay_faulty(
