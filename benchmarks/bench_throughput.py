@@ -11,6 +11,7 @@ from benchmarks.timing import interleaved, log
 
 TITLE = "2. Training throughput vs PyTorch"
 TARGET = 1.0
+WARM_S = 0.15  # untimed steps before each timed sample, on every side
 
 
 def _timed(fn: Any) -> float:
@@ -33,10 +34,11 @@ def run(cfg: Any) -> dict[str, Any]:
         "collapses when another process holds a core) or OMP_WAIT_POLICY=PASSIVE (threads "
         "sleep: robust on shared cores, slower on idle ones); each worker times its own "
         "steps, and its threads get 50 ms to settle before the next contender. Every "
-        "sample is one untimed call then one timed call of the same length, on both sides: "
-        "threads left idle during the others' turns wake slowly (XLA's 6-step call ran at "
-        "half speed after 200 ms idle, 0.76 after 50 ms), and in training the steps run "
-        "back to back. The best "
+        f"sample is untimed calls for {WARM_S * 1000:.0f} ms (at least one), then one timed "
+        "call of the same length, on every side: a contender idle during the others' turns "
+        "comes back slowly (after 0.4 s idle XLA's 6-step MLP call ran at 31k img/s behind "
+        "one untimed call and 45k behind six; torch.compile's at 40k behind one), and in "
+        "training the steps run back to back. The best "
         "PyTorch figure, the fastest of all, is the reference. Roofline: XLA's FLOP count of "
         "one step times steps/s, over the machine's matmul peak (the faster of XLA's and "
         "PyTorch's 2048² f32 matmul, measured in this run): a train step of small layers "
@@ -72,15 +74,15 @@ def _one_model(cfg: Any, name: str, workers: dict, peak_gflops: float) -> dict[s
     model = common.create_model(name)
     opt = common.wdjax_optimizer
     scan = common.scanned_steps(model, opt(), B, L)
-    # each sample: one untimed call (threads idle during the other contenders' turns wake
-    # slowly: a 6-step call after 200 ms idle ran at half speed), then one timed call
-    contenders: dict[str, Any] = {"jax_scan": lambda: (scan(), _timed(scan))[1]}
+    # each sample: untimed calls for WARM_S (a contender idle during the others' turns
+    # comes back slowly), then one timed call
+    contenders: dict[str, Any] = {"jax_scan": lambda: (common.warm(scan, WARM_S), _timed(scan))[1]}
     first_call: dict[str, float] = {}
     for label, (worker, compiled) in workers.items():
         got = worker.ask(model=name, batch_size=B, length=L, compiled=compiled,
                          threads=common.TORCH_THREADS)  # fmt: skip
         first_call[label] = got["first_call_s"]
-        contenders[label] = lambda w=worker: w.ask(steps=L, warm=L)["seconds"]
+        contenders[label] = lambda w=worker: w.ask(steps=L, warm_s=WARM_S)["seconds"]
     res = interleaved(contenders, rounds=cfg.throughput_rounds[name], warmup=1, self_timed=True)
     flops = common.step_flops(model, opt(), common.batch(B))
     per_s = {}

@@ -8,7 +8,8 @@ stdin, one JSON line per answer on stdout:
 
     {"model": "mlp", "batch_size": 128, "length": 6, "compiled": false, "threads": 2}
         -> {"first_call_s": ...}        build the model, AdamW and the data; one warm step
-    {"steps": 6, "warm": 6} -> {"seconds": ...}   `warm` untimed steps, then `steps` timed
+    {"steps": 6, "warm_s": 0.15} -> {"seconds": ...}   untimed calls of `steps` steps until
+        `warm_s` seconds have passed (at least one), then `steps` timed
     {"flops_probe": true} -> {"matmul_gflops": ...}   the machine's matmul peak via torch
 
 Every step draws a fresh batch from the same ``batch_size * length`` examples
@@ -17,6 +18,7 @@ permutation, as ``fit`` does."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -43,7 +45,7 @@ def main() -> None:
             run(1)
             out = {"first_call_s": time.perf_counter() - t0}
         elif "steps" in req:
-            run(req.get("warm", 0))  # untimed: wakes the threads after the idle gap
+            common.warm(functools.partial(run, req["steps"]), req["warm_s"])  # after idling
             t0 = time.perf_counter()
             run(req["steps"])
             out = {"seconds": time.perf_counter() - t0}
