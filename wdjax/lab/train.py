@@ -149,8 +149,9 @@ def stretch_faulty(before: TrainState, after: TrainState) -> jax.Array:
     members: then any of them) include one the guard would have skipped: a step counted
     in `skipped`, or a value of the params or the optimizer state that was finite
     before and is not after (an applied non-finite update leaves one: NaN survives
-    every operation of an update but a select, ±∞ stays ±∞ or becomes NaN; values
-    non-finite from the start, such as a best-so-far of +∞, do not count)."""
+    every operation of an update but a select, ±∞ stays ±∞ or becomes NaN; only a
+    transform that clips the params themselves could hide it; values non-finite from
+    the start, such as a best-so-far of +∞, do not count)."""
 
     def became(b: jax.Array, a: jax.Array) -> jax.Array:
         return jnp.any(jnp.isfinite(b) & ~jnp.isfinite(a)) if is_float(a) else jnp.array(False)
