@@ -7,11 +7,10 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.report import code, num, table, yes
-from benchmarks.timing import interleaved, log
+from benchmarks.timing import WARM_S, interleaved, log, warm
 
 TITLE = "2. Training throughput vs PyTorch"
 TARGET = 1.0
-WARM_S = 0.15  # untimed steps before each timed sample, on every side
 
 
 def _timed(fn: Any) -> float:
@@ -76,7 +75,7 @@ def _one_model(cfg: Any, name: str, workers: dict, peak_gflops: float) -> dict[s
     scan = common.scanned_steps(model, opt(), B, L)
     # each sample: untimed calls for WARM_S (a contender idle during the others' turns
     # comes back slowly), then one timed call
-    contenders: dict[str, Any] = {"jax_scan": lambda: (common.warm(scan, WARM_S), _timed(scan))[1]}
+    contenders: dict[str, Any] = {"jax_scan": lambda: (warm(scan, WARM_S), _timed(scan))[1]}
     first_call: dict[str, float] = {}
     for label, (worker, compiled) in workers.items():
         got = worker.ask(model=name, batch_size=B, length=L, compiled=compiled,

@@ -326,17 +326,6 @@ def torch_epoch(name: str, data: dict, batch_size: int, compiled: bool) -> Calla
     return run
 
 
-def warm(call: Callable[[], Any], seconds: float) -> None:
-    """``call()`` until ``seconds`` have passed, at least once: a contender back at its
-    steady speed after the others' turns (how long that takes differs: after 0.4 s idle,
-    XLA's 6-step MLP call ran at 31k img/s behind one untimed call, 45k behind six;
-    ``torch.compile``'s at 40k behind one)."""
-    end = time.perf_counter() + seconds
-    call()
-    while time.perf_counter() < end:
-        call()
-
-
 class TorchWorker:
     """A :mod:`benchmarks.torch_worker` process: PyTorch with the OpenMP wait ``policy``
     (``""``: PyTorch's default, active spinning; ``"PASSIVE"``), ``TORCH_THREADS``

@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 import wdjax
 from benchmarks import common
 from benchmarks.report import ms, num, ratios, table, timing_table, yes
-from benchmarks.timing import interleaved, log, ratio
+from benchmarks.timing import WARM_S, interleaved, log, ratio
 from wdjax import masks, optimizers
 from wdjax.lab import data, models, sweeps, train
 
@@ -179,7 +179,7 @@ def epoch_anatomy(
         contenders[f"{name}/sequential"] = lambda f=single: jax.block_until_ready(
             [f(one) for _ in weight_decays]
         )
-    res = interleaved(contenders, rounds=rounds, warmup=1)
+    res = interleaved(contenders, rounds=rounds, warmup=1, warm_s=WARM_S)
     per_step = {name: ratio(res, f"{name}/vmap", f"{name}/sequential") for name in steps}
     log("sweep epoch anatomy, vmap / sequential", per_step, num)
     return {"steps_per_epoch": length, "contenders": res, "ratios": per_step}
@@ -223,6 +223,7 @@ def width_scan(
             },
             rounds=rounds,
             warmup=1,
+            warm_s=WARM_S,
         )
         batch = jax.tree.map(lambda a: a[:batch_size], ds.arrays("train"))
         flops = members * length * common.step_flops(model, opt, batch)
@@ -515,7 +516,9 @@ def render(s: dict[str, Any]) -> str:
             "two hidden layers of each width: vmapped (the sweep's default), one after another "
             'inside one program (`lax.map`, `sweep(batching="map")`), and as separate calls; '
             "FLOP/s (XLA's count) over this machine's f32 matmul peak "
-            f"({num(ws['peak_gflops'], '.1f')} GFLOP/s, 2048² matmul measured in the same run):",
+            f"({num(ws['peak_gflops'], '.1f')} GFLOP/s, 2048² matmul measured in the same run); "
+            f"a contender whose epoch is shorter than {WARM_S * 1000:.0f} ms runs untimed that "
+            "long before each timed one (XLA comes back from the others' turns slowly):",
             table(
                 [
                     "width",

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+WARM_S = 0.15  # seconds of untimed work before a timed sample (see warm)
+
 
 def summarize(samples: list[float]) -> dict[str, Any]:
     """Median, quartiles, min and max of per-call times (seconds)."""
@@ -26,6 +28,17 @@ def summarize(samples: list[float]) -> dict[str, Any]:
     }
 
 
+def warm(call: Callable[[], Any], seconds: float) -> None:
+    """``call()`` until ``seconds`` have passed, at least once: a contender back at its
+    steady speed after the others' turns (how long that takes differs: after 0.4 s idle,
+    XLA's 6-step MLP call ran at 31k img/s behind one untimed call, 45k behind six;
+    ``torch.compile``'s at 40k behind one)."""
+    end = time.perf_counter() + seconds
+    call()
+    while time.perf_counter() < end:
+        call()
+
+
 def interleaved(
     contenders: Mapping[str, Callable[[], Any]],
     *,
@@ -33,6 +46,7 @@ def interleaved(
     number: int = 1,
     warmup: int = 2,
     self_timed: bool = False,
+    warm_s: float = 0.0,
 ) -> dict[str, dict[str, Any]]:
     """Time each contender ``rounds`` times, ``number`` calls per sample, interleaved.
 
@@ -41,7 +55,10 @@ def interleaved(
     within a round rotates, so no contender always runs right after another one.
     ``self_timed``: each ``fn()`` returns the seconds its work took (a contender in
     another process times itself; what it does after, such as letting its threads
-    settle, is not counted). Returns ``{name: summarize(per-call seconds)}``."""
+    settle, is not counted). ``warm_s``: a contender whose last sample took less runs
+    untimed for that long (:func:`warm`) before its next one, so a sample is its steady
+    speed, not its wake-up after the others' turns (self-timed contenders warm
+    themselves). Returns ``{name: summarize(per-call seconds)}``."""
     names = list(contenders)
     for name in names:
         for _ in range(warmup):
@@ -54,6 +71,9 @@ def interleaved(
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 fn = contenders[name]
+                last = samples[name][-1] * number if samples[name] else 0.0
+                if warm_s and not self_timed and last < warm_s:
+                    warm(fn, warm_s)
                 t0 = time.perf_counter()
                 own = 0.0
                 for _ in range(number):

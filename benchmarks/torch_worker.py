@@ -31,7 +31,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from benchmarks import common
+    from benchmarks import common, timing
 
     run = None
     for line in sys.stdin:
@@ -45,7 +45,7 @@ def main() -> None:
             run(1)
             out = {"first_call_s": time.perf_counter() - t0}
         elif "steps" in req:
-            common.warm(functools.partial(run, req["steps"]), req["warm_s"])  # after idling
+            timing.warm(functools.partial(run, req["steps"]), req["warm_s"])  # after idling
             t0 = time.perf_counter()
             run(req["steps"])
             out = {"seconds": time.perf_counter() - t0}
