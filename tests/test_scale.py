@@ -7,6 +7,7 @@ collectives) run tests/scale_worker.py or the CLI; they are marked slow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -42,9 +43,10 @@ def run() -> dict:
     return scale_run()
 
 
-def _fit(run: dict, epochs: int = 3, **kwargs):
+def _fit(run: dict, epochs: int = 3, data=None, **kwargs):
     options = run["kwargs"] | kwargs
-    return train.fit(run["model"], run["optimizer"], run["data"], epochs=epochs, **options)
+    data = run["data"] if data is None else data
+    return train.fit(run["model"], run["optimizer"], data, epochs=epochs, **options)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +194,28 @@ def test_host_feed_equals_the_device_path(run):
     host = _fit(run, epochs=2, layout=layout, feed="host")
     device = _fit(run, epochs=2, layout=layout)
     _assert_same_run(host.history, host.state.params, device.history, device.state.params)
+
+
+@pytest.mark.parametrize("feed", ["device", "host"])
+def test_a_sharded_run_replays_a_faulty_epoch_onto_its_layout(run, feed):
+    """One NaN example: each epoch's batch that holds it is non-finite. Replayed from the
+    sharded copy of the epoch's start, the run equals the guarded one, on the layout."""
+    x = run["data"].x_train.copy()
+    x[5, 0, 0, 0] = np.nan
+    data = dataclasses.replace(run["data"], x_train=x)
+    layout = _layout("data=2,fsdp=4")
+    results = {
+        guard: _fit(run, epochs=2, layout=layout, data=data, feed=feed, guard=guard)
+        for guard in ("replay", "step")
+    }
+    replayed, guarded = results["replay"], results["step"]
+    assert [h["skipped"] for h in replayed.history] == [1, 2]
+    for a, b in zip(replayed.history, guarded.history, strict=True):  # the NaN batch's loss
+        np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5)
+    assert _rel(replayed.state.params, guarded.state.params) < 1e-5
+    assert jax.tree.map(lambda a: a.sharding, replayed.state) == jax.tree.map(
+        lambda a: a.sharding, guarded.state
+    )
 
 
 def test_batch_size_must_split_over_the_data_axes(run):
