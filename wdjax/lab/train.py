@@ -266,7 +266,7 @@ def make_train_step(
 
     `guard=False`: the update is applied as a hand-written Optax step applies it, each
     leaf's as soon as its gradient is ready (under the guard, every update waits for the
-    last gradient and the check of the whole update: 11–19 % of a step of the benchmarks'
+    last gradient and the check of the whole update: 4–19 % of a step of the benchmarks'
     MLP and CNN on CPU). `skipped` then counts the steps whose loss, gradient norm or
     hyperparameters were bad, *applied* anyway; a non-finite update shows as a
     non-finite state. [`stretch_faulty`][wdjax.lab.train.stretch_faulty] tells both, and
