@@ -484,7 +484,7 @@ def sweep(
     if tuner is not None and tuner.optimizer is not opt:
         raise ValueError("the tuner must be built on the sweep's optimizer: Tuner(optimizer)")
     key = (task, opt, batch_size, tuple(penalties), mask, layout, tuner, batching)
-    programs = {True: _cached(_program, *key, True)}  # the unguarded one is built first
+    programs = {True: _cached(_program, *key, True)}  # each epoch compiles when first run
     step = programs[True][0]
 
     def run_epoch(guarded: bool) -> Callable:
