@@ -322,29 +322,25 @@ def make_train_step(
         model_state, task_metrics = aux.pop("aux")
         grad_norm = global_norm(grads)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(total) & _hyperparams_ok(new_opt_state)
-        if guard:
+        if not guard:  # nothing waits for `ok`: each update starts when its gradient is ready
+            params, opt_state = optax.apply_updates(state.params, updates), new_opt_state
+        else:
             ok &= _all_finite(updates)
 
-        def apply() -> tuple:  # the update again, written in place (a pass-through copies)
-            forward = tuner is not None and tuner.horizon > 1  # tangents come with it
-            u, s = (
-                optimizer.update(grads, state.opt_state, state.params)
-                if update_in_cond and not forward
-                else (updates, new_opt_state)
-            )
-            return optax.apply_updates(state.params, u), s, model_state
+            def apply() -> tuple:  # the update again, written in place (a pass-through copies)
+                forward = tuner is not None and tuner.horizon > 1  # tangents come with it
+                u, s = (
+                    optimizer.update(grads, state.opt_state, state.params)
+                    if update_in_cond and not forward
+                    else (updates, new_opt_state)
+                )
+                return optax.apply_updates(state.params, u), s, model_state
 
-        def skip() -> tuple:
-            return (
-                state.params,
-                _schedules_moved_on(state.opt_state, new_opt_state),
-                state.model_state,
-            )
+            def skip() -> tuple:
+                moved = _schedules_moved_on(state.opt_state, new_opt_state)
+                return state.params, moved, state.model_state
 
-        if guard:
             params, opt_state, model_state = jax.lax.cond(ok, apply, skip)
-        else:  # nothing waits for `ok`: each leaf's update starts when its gradient is ready
-            params, opt_state = optax.apply_updates(state.params, updates), new_opt_state
         skipped = state.skipped + (~ok).astype(jnp.int32)
         extra = {}
         if tuner is not None:
