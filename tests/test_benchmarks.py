@@ -112,6 +112,13 @@ def test_quick_run(tmp_path):
     for c in ("wdjax_adamw", "optax_adamw", "same_streams", "copy"):
         assert size["contenders"][c]["GB_per_s"] > 0
     assert size["ratios"]["wdjax_adamw/copy"] > 0 and size["ratios"]["same_streams/copy"] > 0
+    # XLA's count cannot be below the bytes counted (the scalars aside)
+    assert size["xla_bytes_per_param"]["wdjax_adamw"] >= 27.9
+    if size["native_skipped"] is None:  # the fused C loops ran beside the XLA contenders
+        for c in ("native_memcpy", "native_same_streams", "native_adamw"):
+            assert size["contenders"][c]["GB_per_s"] > 0
+    else:
+        assert "native_adamw" not in size["contenders"] and size["native_skipped"]
 
     r = b["sweep"]["result"]
     for side, names in (("user", ("sweep", "fit_calls")), ("warm", ("sweep", "sequential"))):
@@ -211,6 +218,36 @@ def test_failed_and_missing_sections():
     assert "Failed: `x`" in sections[report.section_module("overhead").TITLE]
     _has_table(sections["Summary"], report.SUMMARY_HEAD)
     assert report.summary_rows({"meta": META, "benchmarks": {}}) == []
+
+
+@pytest.mark.parametrize(
+    "break_it, why",
+    [
+        (lambda mp, bb: mp.setattr(bb.shutil, "which", lambda name: None), "no C compiler"),
+        (lambda mp, bb: mp.setattr(bb, "NATIVE_FLAGS", ("-no-such-flag",)), "failed: "),
+        (lambda mp, bb: mp.setattr(bb, "NATIVE_SRC", "/nonexistent/streams.c"), "failed: "),
+    ],
+    ids=["no compiler", "bad flags", "no source"],
+)
+def test_the_fused_c_loops_say_why_they_did_not_run(monkeypatch, break_it, why):
+    """Without a working C compiler the bandwidth section runs the XLA contenders alone and
+    records why the fused C loops did not run."""
+    from benchmarks import bench_bandwidth
+
+    break_it(monkeypatch, bench_bandwidth)
+    with bench_bandwidth.native(1024, 1024) as (kernels, skipped):
+        assert kernels == {} and why in skipped
+
+
+def test_the_fused_c_loops_run_each_kernel_when_a_compiler_is_there():
+    from benchmarks import bench_bandwidth
+
+    with bench_bandwidth.native(1024, 2048) as (kernels, skipped):
+        if skipped is not None:
+            pytest.skip(f"fused C loops unavailable here: {skipped}")
+        assert sorted(kernels) == ["native_adamw", "native_memcpy", "native_same_streams"]
+        for run_kernel in kernels.values():
+            run_kernel()  # raises if the child does not answer "ok"
 
 
 @pytest.mark.parametrize("self_timed", [False, True])
