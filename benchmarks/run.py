@@ -18,7 +18,8 @@ summary table and its section of RESULTS.md; ``report.py`` assembles them):
    ``optax.adamw(mask=...)`` step;
 2. ``throughput`` (``bench_throughput.py``): images/s vs PyTorch eager and ``torch.compile``;
 3. ``bandwidth`` (``bench_bandwidth.py``): AdamW + masked decay update, bytes/s vs an
-   in-place copy;
+   in-place copy and vs the same update as one fused C loop (``streams.c``, built with
+   the system C compiler when there is one);
 4. ``sweep`` (``sweep_vs_sequential.py``): ``wdjax.sweep`` vs the same runs one by one;
 5. ``compile`` (``bench_compile.py``): compile time, recompilations when λ or η change;
 6. ``cnn`` (``bench_cnn.py``): where the CNN's time goes on XLA:CPU;
