@@ -59,8 +59,8 @@ from wdjax import masks, optimizers
 from wdjax.distributed import Layout
 from wdjax.groups import check_rate
 from wdjax.hypergradient import Tuner
+from wdjax.lab import compiler, models, report, tasks
 from wdjax.lab import data as data_lib
-from wdjax.lab import models, report, tasks
 from wdjax.lab.folds import kfold_rows
 from wdjax.lab.memory import member_bytes, memory_budget, nbytes
 from wdjax.lab.selection import SELECTS, Select, select_setting, summarize
@@ -206,7 +206,9 @@ def _program(
         return state, means | last | {f"val_{k}": v for k, v in scores.items()}
 
     out = {} if layout is None else {"out_shardings": layout.members()}
-    return step, jax.jit(epoch, static_argnums=5, donate_argnums=0, **out)
+    return step, jax.jit(
+        epoch, static_argnums=5, donate_argnums=0, compiler_options=compiler.options(), **out
+    )
 
 
 @dataclasses.dataclass(frozen=True)

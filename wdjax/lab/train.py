@@ -27,7 +27,7 @@ import optax
 from wdjax import distributed, masks
 from wdjax.distributed import Layout
 from wdjax.hypergradient import Tuner
-from wdjax.lab import tasks
+from wdjax.lab import compiler, tasks
 from wdjax.lab.report import progress_bar
 from wdjax.lab.tasks import Batch, Metrics, Task, as_task
 from wdjax.optimizers import set_hyperparams
@@ -449,7 +449,13 @@ def run_steps(
     return jax.lax.scan(body, state, idx, unroll=unroll)
 
 
-_evaluate = jax.jit(tasks.evaluate, static_argnames=("task", "batch_size"))
+@functools.cache
+def _evaluate() -> Callable:
+    """`tasks.evaluate`, jitted with the lab's compile options (chosen at first use, once
+    the backend is up)."""
+    return jax.jit(
+        tasks.evaluate, static_argnames=("task", "batch_size"), compiler_options=compiler.options()
+    )
 
 
 def evaluate(
@@ -467,7 +473,7 @@ def evaluate(
         data = {"x": data, "y": y}
     mesh = distributed.mesh_of(params)  # sharded params: the data joins their mesh
     data = jax.tree.map(jnp.asarray, data) if mesh is None else distributed.replicate(data, mesh)
-    out = _evaluate(as_task(model), params, model_state, data, batch_size=batch_size)
+    out = _evaluate()(as_task(model), params, model_state, data, batch_size=batch_size)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
@@ -770,7 +776,7 @@ class _Runner:
             kwargs = dict(self.kwargs)
             if self.layout is not None:
                 kwargs["in_shardings"] = (self.shardings, data_sharding)
-            self._jitted[key] = jax.jit(fn, **kwargs)
+            self._jitted[key] = jax.jit(fn, compiler_options=compiler.options(), **kwargs)
         return self._jitted[key]
 
     def __call__(
