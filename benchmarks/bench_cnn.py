@@ -1,7 +1,9 @@
 """Where the CNN's time goes on XLA:CPU: its pieces timed alone in JAX and PyTorch, and the
 backward passes inside ``lax.scan`` (how ``fit`` trains), with JAX's autodiff of the plain
-``lax`` ops (what ``wdjax.lab.ops`` replaces) as the contrast. The earlier investigation (conv
-layouts, im2col, matmul precision, XLA_FLAGS) is in HISTORY.md."""
+``lax`` ops (what ``wdjax.lab.ops`` replaces) as the contrast, all compiled with the lab's
+options (``wdjax.lab.compiler``: convolutions off YNNPACK), and the convolutions also with
+jaxlib's default options (``*_ynn``). The earlier investigation (conv layouts, im2col,
+matmul precision, XLA_FLAGS) is in HISTORY.md."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.report import code, get, ms, num, table, timing_cells, timing_head
 from benchmarks.timing import interleaved, log
-from wdjax.lab import ops, train
+from wdjax.lab import compiler, ops, train
 
 TITLE = "6. The CNN on XLA:CPU: where its time goes"
 POOL = "maxpool 2x2 forward+backward (28x28x32)"
@@ -45,8 +47,9 @@ def _loss_grad(f, argnums):
     return jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=argnums)
 
 
-def _jax(fn, *args):
-    f = jax.jit(fn)
+def _jax(fn, *args, ynn: bool = False):
+    """``fn`` on ``args``, jitted with the lab's options (``ynn``: with jaxlib's own)."""
+    f = jax.jit(fn) if ynn else common.jit(fn)
     args = jax.device_put(args)
     return lambda: jax.block_until_ready(f(*args))
 
@@ -79,18 +82,23 @@ def _arrays(batch_size: int) -> dict[str, np.ndarray]:
 
 
 def components(cfg: Any) -> dict[str, Any]:
-    """Each piece of the CNN step alone in a plain ``jit``: JAX and PyTorch, interleaved."""
+    """Each piece of the CNN step alone in one ``jit``: JAX and PyTorch, interleaved."""
     a = _arrays(cfg.batch_size)
     x1, w1, x2, w2, a1 = a["x1"], a["w1"], a["x2"], a["w2"], a["a1"]
     pieces: dict[str, dict[str, Any]] = {
         "conv1 backward dW (1->32, 28x28)": {
             "lax_autodiff": _jax(_loss_grad(lax_conv, 1), x1, w1),
             "wdjax_ops": _jax(_loss_grad(ops_conv, 1), x1, w1),
+            "wdjax_ops_ynn": _jax(_loss_grad(ops_conv, 1), x1, w1, ynn=True),
         },
-        "conv2 forward (32->64, 14x14)": {"jax": _jax(lax_conv, x2, w2)},
+        "conv2 forward (32->64, 14x14)": {
+            "jax": _jax(lax_conv, x2, w2),
+            "jax_ynn": _jax(lax_conv, x2, w2, ynn=True),
+        },
         CONV2: {
             "lax_autodiff": _jax(_loss_grad(lax_conv, (0, 1)), x2, w2),
             "wdjax_ops": _jax(_loss_grad(ops_conv, (0, 1)), x2, w2),
+            "wdjax_ops_ynn": _jax(_loss_grad(ops_conv, (0, 1)), x2, w2, ynn=True),
         },
         POOL: {
             "reduce_window": _jax(jax.grad(lambda v: jnp.sum(reduce_window_pool(v) ** 2)), a1),
@@ -156,6 +164,7 @@ def in_scan(cfg: Any) -> dict[str, Any]:
         contenders = {
             "lax_autodiff": _jax(_scanned(lax_conv, length, wrt_x), x, w),
             "wdjax_ops": _jax(_scanned(ops_conv, length, wrt_x), x, w),
+            "wdjax_ops_ynn": _jax(_scanned(ops_conv, length, wrt_x), x, w, ynn=True),
         }
         res = interleaved(contenders, rounds=cfg.cnn_rounds, warmup=1)
         out[piece] = {
@@ -181,12 +190,12 @@ def scan_convs(cfg: Any) -> dict[str, Any]:
     state = train.init_state(model, opt, jax.random.PRNGKey(0))
     a = _arrays(B)
     texts = {
-        "wdjax CNN train step (jit)": jax.jit(step).lower(
+        "wdjax CNN train step (jit)": common.jit(step).lower(
             state, {"x": data["x"][:B], "y": data["y"][:B]}
         ),
-        "wdjax CNN run_steps (lax.scan)": jax.jit(train.run_steps, static_argnums=(0, 3, 4)).lower(
-            step, state, data, B, L
-        ),
+        "wdjax CNN run_steps (lax.scan)": common.jit(
+            train.run_steps, static_argnums=(0, 3, 4)
+        ).lower(step, state, data, B, L),
         "lax autodiff conv2 backward (jit)": jax.jit(_loss_grad(lax_conv, (0, 1))).lower(
             a["x2"], a["w2"]
         ),
@@ -224,11 +233,14 @@ def check_ops(cfg: Any) -> dict[str, float]:
 
 def run(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "what": f"pieces of the CNN step (batch {cfg.batch_size}) in a plain jit, JAX vs "
+        "what": f"pieces of the CNN step (batch {cfg.batch_size}) each in one jit, JAX vs "
         "PyTorch; the conv backward passes inside lax.scan "
         f"({cfg.cnn_scan_length} iterations, ms per iteration). lax_autodiff / reduce_window: "
         "JAX's autodiff of the plain lax ops (what nnx.Conv and nnx.max_pool do by default); "
-        "wdjax_ops: wdjax.lab.ops.conv2d / max_pool_2x2, which the wdjax CNN uses",
+        "wdjax_ops: wdjax.lab.ops.conv2d / max_pool_2x2, which the wdjax CNN uses. Every JAX "
+        "contender is compiled with the lab's options (wdjax.lab.compiler.options(): "
+        f"{compiler.options() or 'none on this backend and jaxlib'}), as fit compiles; *_ynn: "
+        "the same with jaxlib's default options, which hand convolutions to YNNPACK",
         "components": components(cfg),
         "in_scan": in_scan(cfg),
     }
@@ -280,6 +292,21 @@ def _findings(s: dict[str, Any]) -> list[str]:
             "forward+backward; `wdjax.lab.ops.max_pool_2x2` (the max of four strided slices) "
             f"{ms(med(pool, 'wdjax_ops'))} ms; PyTorch {ms(med(pool, 'torch'))} ms."
         )
+    ynn = []
+    for piece, r in {**(s.get("components") or {}), **(s.get("in_scan") or {})}.items():
+        lab, default = (
+            (med(r, "wdjax_ops"), med(r, "wdjax_ops_ynn"))
+            if "wdjax_ops_ynn" in r
+            else (med(r, "jax"), med(r, "jax_ynn"))
+        )
+        if lab and default:
+            ynn.append(f"{piece} {ms(default)} vs {ms(lab)} ms ({num(default / lab, '.2f')}×)")
+    if ynn:
+        out.append(
+            "* **YNNPACK's convolutions** (jaxlib's default options vs the lab's, which keep "
+            "convolutions on XLA's own kernel): " + "; ".join(ynn) + ". `wdjax.lab.compiler` "
+            "compiles `fit`'s, `sweep`'s and `evaluate`'s programs with the lab's options."
+        )
     parts = []
     for piece, r in (s.get("components") or {}).items():
         j, t = med(r, "wdjax_ops") or med(r, "jax"), med(r, "torch")
@@ -287,7 +314,7 @@ def _findings(s: dict[str, Any]) -> list[str]:
             parts.append(f"{piece} {ms(j)} vs {ms(t)} ms ({num(j / t, '.2f')}×)")
     if parts:
         out.append(
-            "* **Piece by piece, wdjax vs PyTorch** (plain `jit` vs oneDNN): "
+            "* **Piece by piece, wdjax vs PyTorch** (the lab's `jit` vs oneDNN): "
             + "; ".join(parts)
             + ". Where wdjax is slower here, the CNN loses to PyTorch (section 2): XLA:CPU's "
             "convolution kernel, not the scan or the pooling."
@@ -298,7 +325,7 @@ def _findings(s: dict[str, Any]) -> list[str]:
 def render(s: dict[str, Any]) -> str:
     out = [f"## {TITLE}", s["what"]]
     if s.get("components"):
-        out += ["### Pieces alone (plain `jit`)", _pieces_table(s["components"], "torch", ".2f")]
+        out += ["### Pieces alone (one `jit` each)", _pieces_table(s["components"], "torch", ".2f")]
     if s.get("in_scan"):
         out += [
             "### Backward passes inside `lax.scan` (ms per iteration)",

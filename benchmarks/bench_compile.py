@@ -41,11 +41,11 @@ def compile_times(name: str, cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     makers = {
         "wdjax_step": lambda: (
-            jax.jit(train.make_train_step(model, opt), donate_argnums=0),
+            common.jit(train.make_train_step(model, opt), donate_argnums=0),
             (state, data),
         ),
         "wdjax_scan": lambda: (
-            jax.jit(
+            common.jit(
                 functools.partial(train.run_steps, train.make_train_step(model, opt)),
                 static_argnums=(2, 3),
                 donate_argnums=0,
@@ -53,7 +53,7 @@ def compile_times(name: str, cfg: Any) -> dict[str, Any]:
             (state, epoch, cfg.batch_size, L),
         ),
         "optax_step": lambda: (
-            jax.jit(common.hand_step(model, model_state, oopt), donate_argnums=(0, 1)),
+            common.jit(common.hand_step(model, model_state, oopt), donate_argnums=(0, 1)),
             (params, oopt.init(params), data["x"], data["y"]),
         ),
     }
@@ -80,7 +80,7 @@ def recompilations(cfg: Any) -> dict[str, Any]:
     model = common.create_model("mlp")
     data = jax.device_put(common.batch(cfg.batch_size))
     opt = common.wdjax_optimizer()
-    step = jax.jit(train.make_train_step(model, opt), donate_argnums=0)
+    step = common.jit(train.make_train_step(model, opt), donate_argnums=0)
     state = train.init_state(model, opt, jax.random.PRNGKey(0))
     state, _ = step(state, data)
     base = step._cache_size()
@@ -112,7 +112,7 @@ def recompilations(cfg: Any) -> dict[str, Any]:
     def ostep(p, s, x, y, o):
         return common.hand_step(model, model_state, o)(p, s, x, y)
 
-    ostep = jax.jit(ostep, static_argnums=4)
+    ostep = common.jit(ostep, static_argnums=4)
 
     o = optax.adamw(1e-3, weight_decay=1e-4, mask=mask)
     s = o.init(params)

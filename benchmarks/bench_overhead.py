@@ -49,14 +49,14 @@ def compiled_copies(model: Any, opt: Any, data: dict) -> dict[str, int]:
     x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
     hand = common.optax_adamw(model)
     lowered = {
-        "optax": jax.jit(common.hand_step(model, model_state, hand), donate_argnums=(0, 1)).lower(
-            params, hand.init(params), x, y
-        )
+        "optax": common.jit(
+            common.hand_step(model, model_state, hand), donate_argnums=(0, 1)
+        ).lower(params, hand.init(params), x, y)
     }
     state = train.init_state(model, opt, jax.random.PRNGKey(0))
     for name, guard in (("wdjax_step", False), ("wdjax_step_guarded", True)):
         step = train.make_train_step(model, opt, weight_metrics_each_step=False, guard=guard)
-        lowered[name] = jax.jit(step, donate_argnums=0).lower(state, jax.device_put(data))
+        lowered[name] = common.jit(step, donate_argnums=0).lower(state, jax.device_put(data))
     return {k: state_copies(v.compile().as_text()) for k, v in lowered.items()}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import wdjax
-from wdjax.lab import models, train
+from wdjax.lab import compiler, models, train
 
 INPUT_SHAPE = (28, 28, 1)
 MLP_WIDTHS = (512, 512)
@@ -145,7 +145,7 @@ def matmul_gflops(n: int = 2048) -> float:
 def step_flops(model: Any, opt: optax.GradientTransformation, data: dict) -> float:
     """FLOPs of one library train step on ``data``, as XLA counts them."""
     step = train.make_train_step(model, opt, weight_metrics_each_step=False, guard=False)
-    step = jax.jit(step)
+    step = jit(step)
     state = train.init_state(model, opt, jax.random.PRNGKey(0))
     cost = step.lower(state, jax.device_put(data)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -153,6 +153,12 @@ def step_flops(model: Any, opt: optax.GradientTransformation, data: dict) -> flo
 
 
 # ---------------------------------------------------------------- JAX contenders
+
+
+def jit(fn: Callable, **kw: Any) -> Any:
+    """``jax.jit`` with the lab's compile options (``wdjax.lab.compiler.options()``), as
+    ``fit`` and ``sweep`` compile: every JAX contender, hand-written or not, gets them."""
+    return jax.jit(fn, compiler_options=compiler.options(), **kw)
 
 
 def wdjax_step(
@@ -167,7 +173,7 @@ def wdjax_step(
     ``weight_metrics``; ``guard=True``, the step of ``fit(guard="step")`` and of a
     replay), jitted, state donated."""
     step = train.make_train_step(model, opt, weight_metrics_each_step=weight_metrics, guard=guard)
-    step = jax.jit(step, donate_argnums=0)
+    step = jit(step, donate_argnums=0)
     b = jax.device_put(data)
     box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
 
@@ -207,7 +213,7 @@ def minimal_step(
 ) -> Callable[[], Any]:
     """:func:`hand_step` jitted, params and optimizer state donated, on one batch."""
     params, model_state = model.init(jax.random.PRNGKey(0))
-    step = jax.jit(hand_step(model, model_state, opt, cond), donate_argnums=(0, 1))
+    step = jit(hand_step(model, model_state, opt, cond), donate_argnums=(0, 1))
     x, y = jax.device_put(data["x"]), jax.device_put(data["y"])
     box = [params, opt.init(params)]
 
@@ -237,7 +243,7 @@ def scanned_steps(
         g: train.make_train_step(model, opt, weight_metrics_each_step=False, guard=g)
         for g in (False, True)
     }
-    run_steps = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
+    run_steps = jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
     data = jax.device_put(batch(batch_size, n=batch_size * length))
     box = [train.init_state(model, opt, jax.random.PRNGKey(0))]
 

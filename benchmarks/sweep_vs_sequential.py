@@ -95,7 +95,7 @@ def sequential(
 
             def stretch(s: train.TrainState, guarded: bool, length: int = length) -> Any:
                 step = _step(model, opt, weight_metrics_each_step=False, guard=guarded)
-                return _run(step, s, train_data, batch_size, length)
+                return _run()(step, s, train_data, batch_size, length)
 
             state, metrics = train.replay_faulty(stretch, state)
             per_step = {k: np.asarray(v).tolist() for k, v in metrics.items()}
@@ -107,7 +107,13 @@ def sequential(
 
 B = (False, True)  # update_in_cond of a guarded step: False vmapped (as sweep), True unbatched
 _step = functools.cache(train.make_train_step)  # one step function, so one compilation
-_run = jax.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
+
+
+@functools.cache
+def _run() -> Callable:
+    """``train.run_steps`` jitted as ``fit`` jits it (built at first use, once the backend
+    is up)."""
+    return common.jit(train.run_steps, static_argnums=(0, 3, 4), donate_argnums=1)
 
 
 def _members(run: Callable, batching: str, n: int, batch_size: int, length: int) -> Callable:
@@ -120,7 +126,7 @@ def _members(run: Callable, batching: str, n: int, batch_size: int, length: int)
         one = functools.partial(run, order=order)
         return jax.vmap(one)(stacked) if batching == "vmap" else jax.lax.map(one, stacked)
 
-    return jax.jit(members)
+    return common.jit(members)
 
 
 def _plain_step(model: models.Model, opt: optax.GradientTransformation):
@@ -174,7 +180,7 @@ def epoch_anatomy(
             for s in (for_vmap, step)
         )
         vmapped = _members(batched, "vmap", len(ds.y_train), batch_size, length)
-        single = jax.jit(epoch)
+        single = common.jit(epoch)
         contenders[f"{name}/vmap"] = lambda f=vmapped: jax.block_until_ready(f(stacked))
         contenders[f"{name}/sequential"] = lambda f=single: jax.block_until_ready(
             [f(one) for _ in weight_decays]
@@ -212,7 +218,7 @@ def width_scan(
             _members(epoch, b, len(ds.y_train), batch_size, length)
             for b in ("vmap", "map")  # sweep(batching=b)
         )
-        single = jax.jit(epoch)
+        single = common.jit(epoch)
         res = interleaved(
             {
                 "vmap": lambda f=vmapped, s=stacked: jax.block_until_ready(f(s)),
