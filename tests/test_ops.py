@@ -199,6 +199,17 @@ def test_max_pool_after_relu_ties_have_the_same_gradient():
     chex.assert_trees_all_equal(grad(ops.max_pool_2x2), grad(_reduce_window_pool))
 
 
+@pytest.mark.parametrize("ties", [1, 2, 3, 4])
+def test_max_pool_shares_a_windows_gradient_equally_among_its_tied_maxima(ties):
+    """A window whose max is reached by `ties` elements gives each of them ∂y/ties and
+    the others nothing: the window's gradient sums to ∂y whatever the ties."""
+    window = jnp.array([2.0] * ties + [1.0] * (4 - ties)).reshape(1, 2, 2, 1)
+    dy = 3.0
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x)) * dy)(window)
+    want = np.where(np.asarray(window) == 2.0, dy / ties, 0.0)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-6)
+
+
 def test_conv_and_pool_inside_scan():
     """A conv → ReLU → pool block, its gradients taken inside ``lax.scan``."""
     x, w, key = _arrays(2, (7, 9), (3, 3), 2, 3)

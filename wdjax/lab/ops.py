@@ -5,8 +5,8 @@ plain `jit` it rewrites the transposed convolutions of JAX's autodiff into that 
 inside a `while` loop (`lax.scan`, which [`wdjax.lab.train.fit`][] uses) it does not,
 and they run as naive loops, ~10x slower (jax-ml/jax#12868). The gradient of
 `reduce_window` max-pooling is a scatter, also a scalar loop on CPU. Here both
-backward passes are written as ordinary forward convolutions and elementwise ops; values
-and gradients equal those of `lax.conv_general_dilated` and `nnx.max_pool`.
+backward passes are written as ordinary forward convolutions and one elementwise pass;
+values and gradients equal those of `lax.conv_general_dilated` and `nnx.max_pool`.
 """
 
 from __future__ import annotations
@@ -84,13 +84,41 @@ def conv_general_dilated(
     return conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2×2 max-pool, stride 2, VALID, on NHWC: the max of four strided slices, so its
-    gradient is elementwise. At exact ties `jnp.maximum` shares the gradient where
-    `reduce_window` gives it to one element; after a ReLU such ties are zeros, whose
-    gradient is zero either way."""
+def _quarters(x: jax.Array) -> list[list[jax.Array]]:
+    """`x[:, a::2, b::2]` for a, b ∈ {0, 1}, an odd last row or column dropped."""
     x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
-    return jnp.maximum(
-        jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
-        jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]),
-    )
+    return [[x[:, a::2, b::2] for b in (0, 1)] for a in (0, 1)]
+
+
+def _max_of_quarters(x: jax.Array) -> jax.Array:
+    (q00, q01), (q10, q11) = _quarters(x)
+    return jnp.maximum(jnp.maximum(q00, q01), jnp.maximum(q10, q11))
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, VALID, on NHWC: `y[i, j] = max_{a,b∈{0,1}} x[2i+a, 2j+b]`.
+    Its backward pass is one elementwise pass over `x`:
+    `∂x[2i+a, 2j+b] = ∂y[i, j]·[x[2i+a, 2j+b] = y[i, j]] / #ties[i, j]`. At exact ties the
+    window's gradient is shared equally where `reduce_window` gives it to one element;
+    after a ReLU such ties are zeros, whose gradient is zero either way."""
+    return _max_of_quarters(x)
+
+
+def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = _max_of_quarters(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array]:
+    x, y = res
+    hits = [[(q == y).astype(dy.dtype) for q in row] for row in _quarters(x)]
+    share = dy / sum(h for row in hits for h in row)
+    # rows a, columns b interleaved: (n, h, 2, w, 2, c) is (n, 2h, 2w, c) in memory
+    dx = jnp.stack([jnp.stack([h * share for h in row], axis=3) for row in hits], axis=2)
+    n, h, w, c = y.shape
+    dx = dx.reshape(n, 2 * h, 2 * w, c)
+    return (jnp.pad(dx, ((0, 0), (0, x.shape[1] - 2 * h), (0, x.shape[2] - 2 * w), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
