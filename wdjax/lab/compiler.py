@@ -1,7 +1,7 @@
 """The XLA compile options of the lab's programs (train steps, sweep epochs, evaluation).
 
-On CPU, jaxlib 0.10 hands every convolution to YNNPACK (a `__ynn_fusion` around each
-`convolution`), beside dots and reductions. On the benchmark machine (Intel Xeon, 2 cores)
+On CPU, jaxlib 0.10 hands convolutions (all but the smallest) to YNNPACK, a
+`__ynn_fusion` around each `convolution`, beside dots and reductions. On the benchmark machine (Intel Xeon, 2 cores)
 its backward convolutions are about 3× slower than XLA's own kernel: the reference CNN's
 32→64 convolution's backward pass 56 → 18 ms, the whole train step 97 → 70 ms
 (benchmarks/HISTORY.md, "2026-11-24 (late)"). So the lab keeps dots and reductions on
