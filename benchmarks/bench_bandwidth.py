@@ -140,7 +140,8 @@ def native(n: int, n_copy: int) -> Iterator[tuple[dict[str, Callable[[], None]],
                 + (built.stderr.strip().splitlines() or ["no message"])[-1],
             )
             return
-        threads = str(len(os.sched_getaffinity(0)))
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        threads = str(len(cores) if cores else os.cpu_count())
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_PROC_BIND": "true"}
         proc = subprocess.Popen(
             [exe, str(n), str(n_copy)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
