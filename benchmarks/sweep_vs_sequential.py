@@ -547,7 +547,8 @@ def render(s: dict[str, Any]) -> str:
                 f"Width {cross} is the first at which vmapping saved less than 10% (the "
                 "crossover); above it, XLA:CPU's batched matmuls run slower than the members' "
                 'own matmuls one after another, which `batching="map"` keeps inside the '
-                "sweep's one program."
+                "sweep's one program (upstream: XLA:CPU's speed on a `dot_general` depends on "
+                "how `vmap` lays out its operands, jax-ml/jax#19327)."
                 if cross
                 else "Vmapping saved at least 10% at every width measured."
             ),
