@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from wdjax import masks, optimizers
-from wdjax.lab import compiler, data, models, sweeps, tasks, train
+from wdjax.lab import compiler, data, models, ops, sweeps, tasks, train
 
 YNN_CONV = re.compile(r"= \S+ convolution\(")
 
@@ -73,11 +73,11 @@ def cnn_case():
 
 
 def test_the_options_take_convolutions_off_ynnpack(cnn_case):
-    x, w = jnp.zeros((2, 8, 8, 32)), jnp.zeros((3, 3, 32, 32))
-    assert _ynn_convolutions(jax.jit(compiler._conv), x, w) == 1
-    assert (
-        _ynn_convolutions(jax.jit(compiler._conv, compiler_options=compiler.options()), x, w) == 0
-    )
+    x, w, same = jnp.zeros((2, 8, 8, 32)), jnp.zeros((3, 3, 32, 32)), ((1, 1), (1, 1))
+    plain = jax.jit(ops.conv2d, static_argnums=2)
+    lab = jax.jit(ops.conv2d, static_argnums=2, compiler_options=compiler.options())
+    assert _ynn_convolutions(plain, x, w, same) == 1
+    assert _ynn_convolutions(lab, x, w, same) == 0
 
 
 def _fit_stretch(ds, task, opt, state):
