@@ -123,8 +123,12 @@ def _numpy_copier(n_floats: int):
 def native(n: int, n_copy: int) -> Iterator[tuple[dict[str, Callable[[], None]], str | None]]:
     """``({"native_<kernel>": run once}, None)`` from ``streams.c`` built with the system C
     compiler and run as a child process on this process's cores; ``({}, why)`` when it
-    cannot be built or started. A call's time includes a pipe round trip (tens of µs)."""
+    cannot be built or started, or JAX does not run on the CPU. A call's time includes a
+    pipe round trip (tens of µs)."""
     cc = shutil.which("cc") or shutil.which("gcc")
+    if jax.default_backend() != "cpu":
+        yield {}, f"JAX runs on {jax.default_backend()}, not on the CPU these loops run on"
+        return
     if cc is None:
         yield {}, "no C compiler (cc, gcc) on PATH"
         return
@@ -173,8 +177,10 @@ def run(cfg: Any) -> dict[str, Any]:
         "bytes_per_param": BYTES_PER_PARAM,
         "target": f"wdjax_adamw GB/s / copy GB/s >= {TARGET}",
         "native_flags": " ".join(NATIVE_FLAGS),
+        "backend": jax.default_backend(),
         "sizes": {},
     }
+    host = {"numpy_copyto": _numpy_copier} if out["backend"] == "cpu" else {}
     for n_target in cfg.bandwidth_sizes:
         params = make_params(n_target)
         n = sum(x.size for x in jax.tree.leaves(params))
@@ -196,7 +202,7 @@ def run(cfg: Any) -> dict[str, Any]:
         with native(n, n_copy) as (natives, skipped):
             contenders = {
                 **{k: f for k, (f, _) in xla.items()},
-                "numpy_copyto": _numpy_copier(n_copy),
+                **{k: make(n_copy) for k, make in host.items()},
                 **natives,
             }
             res = interleaved(
@@ -286,8 +292,7 @@ def render(s: dict[str, Any]) -> str:
             f"Ratios: {ratios(e['ratios'])}.",
         ]
         if not e["met"]:
-            r, c = e["ratios"], e["contenders"]
-            xb = e["xla_bytes_per_param"]
+            r = e["ratios"]
             out.append(
                 f"**Open:** {num(r['wdjax_adamw/copy'])} × an in-place copy (target ≥ {TARGET}; "
                 f"optax.adamw: {num(r['optax_adamw/copy'])}). "
@@ -298,16 +303,26 @@ def render(s: dict[str, Any]) -> str:
                     if "native_adamw/native_memcpy" in r
                     else f"({_native_note(e)}.) "
                 )
-                + "XLA:CPU does not fuse the update "
-                f"into one loop: by its own cost analysis the program moves "
-                f"{num(xb['wdjax_adamw'], '.0f')} B a parameter, not {BYTES_PER_PARAM} (a loop "
-                "each for μ, ν and the params, which re-read the gradient and the new moments: "
-                f"HISTORY.md), so it moves {num(c['wdjax_adamw']['xla_GB_per_s'], '.1f')} GB/s, "
-                f"{num(c['wdjax_adamw']['xla_GB_per_s'] / c['copy']['GB_per_s'])} × the copy's "
-                f"rate; `same_streams` moves {num(xb['same_streams'], '.0f')} B a parameter the "
-                "same way. XLA:CPU's multi-output fusion, which merges loops that share inputs, "
-                "is experimental and off by default "
-                "(`--xla_backend_extra_options=xla_cpu_use_multi_output_fusion`; it can crash "
-                "the compiler: openxla/xla#47367, fix in review in openxla/xla#48091)."
+                + _xla_cpu_note(s.get("backend", "cpu"), e)
             )
     return "\n\n".join(out)
+
+
+def _xla_cpu_note(backend: str, e: dict[str, Any]) -> str:
+    """Why XLA:CPU's update moves more than it needs; nothing on another backend."""
+    if backend != "cpu":
+        return ""
+    c, xb = e["contenders"], e["xla_bytes_per_param"]
+    return (
+        "XLA:CPU does not fuse the update "
+        f"into one loop: by its own cost analysis the program moves "
+        f"{num(xb['wdjax_adamw'], '.0f')} B a parameter, not {BYTES_PER_PARAM} (a loop "
+        "each for μ, ν and the params, which re-read the gradient and the new moments: "
+        f"HISTORY.md), so it moves {num(c['wdjax_adamw']['xla_GB_per_s'], '.1f')} GB/s, "
+        f"{num(c['wdjax_adamw']['xla_GB_per_s'] / c['copy']['GB_per_s'])} × the copy's "
+        f"rate; `same_streams` moves {num(xb['same_streams'], '.0f')} B a parameter the "
+        "same way. XLA:CPU's multi-output fusion, which merges loops that share inputs, "
+        "is experimental and off by default "
+        "(`--xla_backend_extra_options=xla_cpu_use_multi_output_fusion`; it can crash "
+        "the compiler: openxla/xla#47367, fix in review in openxla/xla#48091)."
+    )

@@ -232,6 +232,8 @@ def check_ops(cfg: Any) -> dict[str, float]:
 
 
 def run(cfg: Any) -> dict[str, Any]:
+    if jax.default_backend() != "cpu":
+        return {"skipped": f"this section is about XLA:CPU; JAX runs on {jax.default_backend()}"}
     out: dict[str, Any] = {
         "what": f"pieces of the CNN step (batch {cfg.batch_size}) each in one jit, JAX vs "
         "PyTorch; the conv backward passes inside lax.scan "
@@ -328,6 +330,8 @@ def _findings(s: dict[str, Any]) -> list[str]:
 
 
 def render(s: dict[str, Any]) -> str:
+    if "skipped" in s:
+        return f"## {TITLE}\n\nNot run: {s['skipped']}."
     out = [f"## {TITLE}", s["what"]]
     if s.get("components"):
         out += ["### Pieces alone (one `jit` each)", _pieces_table(s["components"], "torch", ".2f")]

@@ -41,7 +41,11 @@ def run(cfg: Any) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "scale.json")
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        env = {  # on the host's CPU whatever the machine's accelerator
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "JAX_PLATFORMS": "cpu",
+        }
         cmd = [sys.executable, "-m", "benchmarks.bench_scale", json.dumps(settings), out]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
         print(done.stdout, end="", flush=True)

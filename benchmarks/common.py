@@ -129,17 +129,23 @@ def wdjax_optimizer(l1: bool = False) -> optax.GradientTransformation:
 # ---------------------------------------------------------------- roofline
 
 
+def best_time(run: Callable[[], Any], calls: int = 10) -> float:
+    """The fastest of ``calls`` timed calls of ``run`` (which waits for its result), after
+    one untimed call: a rate's ceiling on this machine."""
+    run()
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_gflops(n: int = 2048) -> float:
     """XLA's f32 matmul rate on this machine: the best of 10 calls of an n×n product."""
     a = jax.device_put(np.random.default_rng(0).random((n, n), np.float32))
     f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_time(lambda: f(a).block_until_ready()) / 1e9
 
 
 def step_flops(model: Any, opt: optax.GradientTransformation, data: dict) -> float:
@@ -268,6 +274,34 @@ def torch_available() -> bool:
     return True
 
 
+def torch_device() -> tuple[str | None, str]:
+    """``(device, "")`` where the PyTorch peer runs beside JAX's default backend: ``"cpu"``
+    beside XLA:CPU, ``"cuda"`` beside a JAX GPU; ``(None, why)`` where it has no fair
+    place (no PyTorch; a CPU-only PyTorch beside a GPU; TPU, where PyTorch would need
+    torch_xla)."""
+    if not torch_available():
+        return None, "PyTorch is not installed"
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu", ""
+    import torch
+
+    if backend == "gpu" and torch.cuda.is_available():
+        return "cuda", ""
+    if backend == "gpu":
+        return None, "this PyTorch has no CUDA: a CPU PyTorch is no peer for a GPU"
+    return None, f"no PyTorch peer on {backend} (PyTorch there would need torch_xla)"
+
+
+def torch_matmul_gflops(device: str, n: int = 2048) -> float:
+    """PyTorch's f32 matmul rate on ``device``: the best of 10 n×n products."""
+    import torch
+
+    a = torch.from_numpy(np.random.default_rng(0).random((n, n), np.float32)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    return 2 * n**3 / best_time(lambda: (a @ a, sync())) / 1e9
+
+
 def torch_model(name: str):
     import torch.nn as nn
 
@@ -294,22 +328,31 @@ def torch_model(name: str):
     )
 
 
-def torch_epoch(name: str, data: dict, batch_size: int, compiled: bool) -> Callable[[int], Any]:
-    """PyTorch AdamW (no decay on biases) on the same architecture and data (NCHW):
-    ``run(k)`` takes ``k`` steps, each on a fresh batch drawn by a random permutation of
-    the examples (the indexing is part of the step, as in ``fit``), and waits for them."""
+def torch_epoch(
+    name: str, data: dict, batch_size: int, compiled: bool, device: str = "cpu"
+) -> Callable[[int], Any]:
+    """PyTorch AdamW (no decay on biases) on the same architecture and data (NCHW) on
+    ``device``: ``run(k)`` takes ``k`` steps, each on a fresh batch drawn by a random
+    permutation of the examples (the indexing is part of the step, as in ``fit``), and
+    waits for them (it reads the last loss). On CUDA at PyTorch's best: the fused AdamW,
+    and TF32 matmuls as JAX's default precision uses on a GPU."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = torch_model(name)
+    cuda = device == "cuda"
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    model = torch_model(name).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}], lr=LR
+        [{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}],
+        lr=LR,
+        fused=cuda or None,
     )
-    x = torch.from_numpy(np.ascontiguousarray(data["x"].transpose(0, 3, 1, 2)))
-    y = torch.from_numpy(data["y"].astype(np.int64))
+    x = torch.from_numpy(np.ascontiguousarray(data["x"].transpose(0, 3, 1, 2))).to(device)
+    y = torch.from_numpy(data["y"].astype(np.int64)).to(device)
     n = len(y)
 
     def step(idx):
@@ -322,7 +365,7 @@ def torch_epoch(name: str, data: dict, batch_size: int, compiled: bool) -> Calla
     fn = torch.compile(step) if compiled else step
 
     def run(k: int) -> float:
-        order = torch.randperm(n)
+        order = torch.randperm(n, device=device)
         loss = None
         for i in range(k):
             j = i % (n // batch_size)

@@ -6,11 +6,12 @@ The parent (``bench_throughput``) starts one worker per (policy, eager/compiled)
 interleaves its requests with the JAX contenders. Protocol: one JSON line per request on
 stdin, one JSON line per answer on stdout:
 
-    {"model": "mlp", "batch_size": 128, "length": 6, "compiled": false, "threads": 2}
+    {"model": "mlp", "batch_size": 128, "length": 6, "compiled": false, "threads": 2,
+     "device": "cpu"}
         -> {"first_call_s": ...}        build the model, AdamW and the data; one warm step
     {"steps": 6, "warm_s": 0.15} -> {"seconds": ...}   untimed calls of `steps` steps until
         `warm_s` seconds have passed (at least one), then `steps` timed
-    {"flops_probe": true} -> {"matmul_gflops": ...}   the machine's matmul peak via torch
+    {"flops_probe": "cpu"} -> {"matmul_gflops": ...}   the device's matmul peak via torch
 
 Every step draws a fresh batch from the same ``batch_size * length`` examples
 (``common.batch(..., n=...)``, the data the JAX contenders train on) by a random
@@ -28,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-    import numpy as np
     import torch
 
     from benchmarks import common, timing
@@ -40,7 +40,9 @@ def main() -> None:
             torch.set_num_threads(req["threads"])
             n = req["batch_size"] * req["length"]
             data = common.batch(req["batch_size"], n=n)
-            run = common.torch_epoch(req["model"], data, req["batch_size"], req["compiled"])
+            run = common.torch_epoch(
+                req["model"], data, req["batch_size"], req["compiled"], req["device"]
+            )
             t0 = time.perf_counter()
             run(1)
             out = {"first_call_s": time.perf_counter() - t0}
@@ -50,14 +52,7 @@ def main() -> None:
             run(req["steps"])
             out = {"seconds": time.perf_counter() - t0}
         else:
-            a = torch.from_numpy(np.random.default_rng(0).random((2048, 2048), np.float32))
-            a @ a
-            best = float("inf")
-            for _ in range(10):
-                t0 = time.perf_counter()
-                a @ a
-                best = min(best, time.perf_counter() - t0)
-            out = {"matmul_gflops": 2 * 2048**3 / best / 1e9}
+            out = {"matmul_gflops": common.torch_matmul_gflops(req["flops_probe"])}
         print(json.dumps(out), flush=True)
 
 

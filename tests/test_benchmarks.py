@@ -226,8 +226,9 @@ def test_failed_and_missing_sections():
         (lambda mp, bb: mp.setattr(bb.shutil, "which", lambda name: None), "no C compiler"),
         (lambda mp, bb: mp.setattr(bb, "NATIVE_FLAGS", ("-no-such-flag",)), "failed: "),
         (lambda mp, bb: mp.setattr(bb, "NATIVE_SRC", "/nonexistent/streams.c"), "failed: "),
+        (lambda mp, bb: mp.setattr(bb.jax, "default_backend", lambda: "gpu"), "JAX runs on gpu"),
     ],
-    ids=["no compiler", "bad flags", "no source"],
+    ids=["no compiler", "bad flags", "no source", "jax off the cpu"],
 )
 def test_the_fused_c_loops_say_why_they_did_not_run(monkeypatch, break_it, why):
     """Without a working C compiler the bandwidth section runs the XLA contenders alone and
@@ -287,3 +288,57 @@ def test_a_partial_run_replaces_its_sections_of_the_saved_run_and_says_so(tmp_pa
         "sweep": "why",
         "b": "`python -m benchmarks --only b` at later",
     }
+
+
+def _torch_with_cuda(monkeypatch, cuda: bool) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+
+
+@pytest.mark.parametrize(
+    "backend, setup, device, why",
+    [
+        ("cpu", lambda mp: None, "cpu", ""),
+        ("gpu", lambda mp: _torch_with_cuda(mp, True), "cuda", ""),
+        ("gpu", lambda mp: _torch_with_cuda(mp, False), None, "no CUDA"),
+        ("tpu", lambda mp: None, None, "torch_xla"),
+        ("cpu", lambda mp: mp.setattr("benchmarks.common.torch_available", lambda: False), None,
+         "not installed"),
+    ],
+    ids=["cpu", "gpu with cuda", "gpu, cpu-only torch", "tpu", "no torch"],
+)  # fmt: skip
+def test_the_pytorch_peer_runs_beside_jax_or_says_why_not(monkeypatch, backend, setup, device, why):
+    """PyTorch runs where JAX runs (CPU beside XLA:CPU, CUDA beside a JAX GPU); where it has
+    no fair place, no peer, and the reason."""
+    from benchmarks import common
+
+    pytest.importorskip("torch")
+    monkeypatch.setattr(common.jax, "default_backend", lambda: backend)
+    setup(monkeypatch)
+    got, reason = common.torch_device()
+    assert got == device and why in reason and bool(reason) == (device is None)
+
+
+@pytest.mark.slow
+def test_off_the_cpu_the_sections_keep_to_the_device(monkeypatch):
+    """On an accelerator (JAX's backend faked here) the CPU-only pieces step aside with
+    their reason: section 6 is not run, the bandwidth section times the device's update
+    and copy only (no NumPy copy, no C loops), and section 2 runs without a PyTorch peer
+    where there is none."""
+    from benchmarks import bench_bandwidth, bench_cnn, bench_throughput, common
+
+    cfg = run.quick()
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "tpu")
+    cnn = bench_cnn.run(cfg)
+    assert "XLA:CPU" in cnn["skipped"] and "Not run" in bench_cnn.render(cnn)
+    assert bench_cnn.summary(cnn) == []
+
+    bw = bench_bandwidth.run(cfg)
+    (size,) = bw["sizes"].values()
+    assert set(size["contenders"]) == {"wdjax_adamw", "optax_adamw", "same_streams", "copy"}
+    assert "JAX runs on tpu" in size["native_skipped"]
+    assert "XLA:CPU" not in bench_bandwidth._xla_cpu_note(bw["backend"], size)
+
+    tp = bench_throughput.run(cfg)
+    assert set(tp["models"]["mlp"]["contenders"]) == {"jax_scan"}
+    assert "No PyTorch contender in this run: no PyTorch peer on tpu" in bench_throughput.render(tp)
