@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -177,6 +178,24 @@ def merged(path: str, partial: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
+def keep_other_machine(markdown: str, slug: str, results_dir: str) -> str | None:
+    """Before ``markdown`` (RESULTS.md) takes a run of machine ``slug``, keep its table of
+    another machine as ``results_dir/<the run it cites>.md``, which the new report links:
+    one table per machine. The path kept, or None (same machine, or nothing to keep)."""
+    if not os.path.exists(markdown):
+        return None
+    with open(markdown) as f:
+        text = f.read()
+    cited = re.search(r"^\* results: `([^`]+)\.json`", text, re.M)
+    name = os.path.basename(cited.group(1)) if cited else ""
+    if not name or name.startswith(slug + "-"):
+        return None
+    kept = os.path.join(results_dir, name + ".md")
+    with open(kept, "w") as f:
+        f.write(text)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -243,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         markdown = args.markdown or default
     text = report.render(results)
     if markdown:
+        slug = results["meta"]["device_slug"]
+        kept = keep_other_machine(markdown, slug, os.path.join(HERE, "results"))
+        if kept:
+            print(f"kept the other machine's table: {kept}")
+            text = report.render(results)  # now with a link to it
         with open(markdown, "w") as f:
             f.write(text)
     print(report.summary(results))

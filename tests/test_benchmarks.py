@@ -342,3 +342,28 @@ def test_off_the_cpu_the_sections_keep_to_the_device(monkeypatch):
     tp = bench_throughput.run(cfg)
     assert set(tp["models"]["mlp"]["contenders"]) == {"jax_scan"}
     assert "No PyTorch contender in this run: no PyTorch peer on tpu" in bench_throughput.render(tp)
+
+
+@pytest.mark.parametrize(
+    "cited, slug, kept",
+    [
+        ("results/cpu-x-2c-2026-01-01.json", "gpu-nvidia-h100", "cpu-x-2c-2026-01-01.md"),
+        ("results/cpu-x-2c-2026-01-01.json", "cpu-x-2c", None),
+        (None, "gpu-nvidia-h100", None),
+    ],
+    ids=["another machine", "same machine", "no report yet"],
+)  # fmt: skip
+def test_a_run_of_another_machine_keeps_the_old_table(tmp_path, cited, slug, kept):
+    """RESULTS.md keeps one table per machine: before it takes another machine's run, the
+    old report is saved under the name of the run it cites; the same machine's run simply
+    replaces it."""
+    markdown = tmp_path / "RESULTS.md"
+    if cited:
+        markdown.write_text(f"# wdjax benchmarks\n\n* results: `{cited}`\n")
+    got = run.keep_other_machine(str(markdown), slug, str(tmp_path))
+    assert got == (str(tmp_path / kept) if kept else None)
+    if kept:
+        assert (tmp_path / kept).read_text() == markdown.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {*([kept] if kept else []), *(["RESULTS.md"] if cited else [])}
+    )
