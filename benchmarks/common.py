@@ -4,8 +4,10 @@ batches, the library's step and the hand-written Optax and PyTorch contenders.""
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
+import pathlib
 import platform
 import re
 import time
@@ -38,6 +40,37 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512", "amx", "neon", "asimd", "sve")
+
+
+def cpu_flags() -> str:
+    """The vector instruction sets of /proc/cpuinfo's ``flags`` (or ``Features``): what
+    XLA's, oneDNN's and the C compiler's kernels can use here ("" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(ln for ln in f if ln.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return ""
+    return " ".join(w for w in line.split(":", 1)[1].split() if w.startswith(VECTOR_FLAGS))
+
+
+def cpu_caches() -> str:
+    """``L1d 48K, L2 2048K, L3 266240K (shared by 0-1)``: cpu0's data caches from sysfs
+    ("" where unknown). The update-bandwidth sizes are read against the last level."""
+    parts = []
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            kind, level, size, shared = (
+                pathlib.Path(d, k).read_text().strip()
+                for k in ("type", "level", "size", "shared_cpu_list")
+            )
+        except OSError:
+            continue
+        if kind != "Instruction":
+            parts.append(f"L{level}{'d' if kind == 'Data' else ''} {size} (shared by {shared})")
+    return ", ".join(parts)
 
 
 def device_slug() -> str:
@@ -81,6 +114,8 @@ def environment() -> dict[str, Any]:
         "device_slug": device_slug(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "cpu_caches": cpu_caches(),
         "jax_devices": len(jax.devices()),
         "torch_threads": TORCH_THREADS,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

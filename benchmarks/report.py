@@ -156,6 +156,11 @@ def header(meta: Mapping[str, Any]) -> str:
             f"* date: {meta['time']}",
             f"* device: {meta['device']}; CPU: {meta['cpu']}, {meta['cpu_count']} cores; "
             f"JAX devices: {meta['jax_devices']}",
+            *(
+                [f"* CPU vector flags: {meta['cpu_flags']}; caches: {meta.get('cpu_caches')}"]
+                if meta.get("cpu_flags")
+                else []
+            ),
             f"* versions: jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, "
             f"flax {v['flax']}, torch {v['torch']}, numpy {v['numpy']}, Python {v['python']}, "
             f"wdjax {v['wdjax']}",
