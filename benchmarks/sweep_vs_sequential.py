@@ -560,8 +560,10 @@ def render(s: dict[str, Any]) -> str:
                 ],
                 rows,
             ),  # fmt: skip
-            f"Small members (width {small['width']}): vmap / sequential "
-            f"{num(small['ratio'])} (target ≤ {TARGET} "
+            f"Small members (width {small['width']}, whose hidden layer's matmuls alone reach "
+            f"{num(small.get('matmuls_fraction_of_peak'), '.2f')} of the peak: kernels this "
+            f"small are mostly call overhead): vmap / sequential {num(small['ratio'])} "
+            f"(target ≤ {TARGET} "
             + ("met). " if small["ratio"] <= TARGET else f"**not met**; {UPSTREAM_VMAP}). ")
             + f"Width {big['width']} at "
             f"batch {ws['batch_size']}: vmap {num(big['fraction_of_peak'], '.2f')} of the matmul "
@@ -590,19 +592,14 @@ def render(s: dict[str, Any]) -> str:
             f"(target ≥ {PEAK_TARGET} {'met' if best >= PEAK_TARGET else '**not met**'}"
             f"); vmap / sequential {num(x['ratio'])}, map / sequential {num(x['ratio_map'])}. "
             "A sweep's members cannot run faster than each member's own step: here that step "
-            f"reaches {num(x['fraction_of_peak_sequential'], '.2f')} of the peak (its matmuls "
-            f"are {cb['batch_size']}×{x['width']} by {x['width']}×{x['width']} and their "
-            "transposes in the backward pass, not the square matmul the peak is measured on), "
-            f"and the best sweep {num(best / x['fraction_of_peak_sequential'], '.2f')} of that."
-            + (
-                f" Its hidden layer's three matmuls alone reach "
-                f"{num(x['matmuls_fraction_of_peak'], '.2f')} of the peak: the step loses the "
-                "rest outside them, in work the FLOP count hardly credits (the AdamW update, "
-                "memory-bound and split by XLA:CPU into a loop per output as in section 3; "
-                "ReLU's backward; the 64-wide input and 10-wide output layers; validation)."
-                if "matmuls_fraction_of_peak" in x
-                else ""
-            )
+            f"reaches {num(x['fraction_of_peak_sequential'], '.2f')} of the peak, and the best "
+            f"sweep {num(best / x['fraction_of_peak_sequential'], '.2f')} of that. Its hidden "
+            f"layer's three matmuls ({cb['batch_size']}×{x['width']} by "
+            f"{x['width']}×{x['width']}, forward, ∂x and ∂W) alone reach "
+            f"{num(x.get('matmuls_fraction_of_peak'), '.2f')} of the peak: the step loses the "
+            "rest outside them, in work the FLOP count hardly credits (the AdamW update, "
+            "memory-bound and split by XLA:CPU into a loop per output as in section 3; ReLU's "
+            "backward; the 64-wide input and 10-wide output layers; validation)."
         )
     if not r["met_warm"]:
         text = (
