@@ -125,10 +125,10 @@ def native(n: int, n_copy: int) -> Iterator[tuple[dict[str, Callable[[], None]],
     compiler and run as a child process on this process's cores; ``({}, why)`` when it
     cannot be built or started, or JAX does not run on the CPU. A call's time includes a
     pipe round trip (tens of µs)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
     if jax.default_backend() != "cpu":
         yield {}, f"JAX runs on {jax.default_backend()}, not on the CPU these loops run on"
         return
+    cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         yield {}, "no C compiler (cc, gcc) on PATH"
         return

@@ -328,10 +328,19 @@ def torch_device() -> tuple[str | None, str]:
     return None, f"no PyTorch peer on {backend} (PyTorch there would need torch_xla)"
 
 
-def torch_matmul_gflops(device: str, n: int = 2048) -> float:
-    """PyTorch's f32 matmul rate on ``device``: the best of 10 n×n products."""
+def torch_on(device: str) -> Any:
+    """``torch``, set for ``device``: on CUDA, TF32 matmuls, as JAX's default precision
+    uses on a GPU (PyTorch's own default there is full f32)."""
     import torch
 
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return torch
+
+
+def torch_matmul_gflops(device: str, n: int = 2048) -> float:
+    """PyTorch's f32 matmul rate on ``device``: the best of 10 n×n products."""
+    torch = torch_on(device)
     a = torch.from_numpy(np.random.default_rng(0).random((n, n), np.float32)).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     return 2 * n**3 / best_time(lambda: (a @ a, sync())) / 1e9
@@ -371,20 +380,17 @@ def torch_epoch(
     permutation of the examples (the indexing is part of the step, as in ``fit``), and
     waits for them (it reads the last loss). On CUDA at PyTorch's best: the fused AdamW,
     and TF32 matmuls as JAX's default precision uses on a GPU."""
-    import torch
     import torch.nn.functional as F
 
+    torch = torch_on(device)
     torch.manual_seed(0)
-    cuda = device == "cuda"
-    if cuda:
-        torch.set_float32_matmul_precision("high")
     model = torch_model(name).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}],
         lr=LR,
-        fused=cuda or None,
+        fused=True if device == "cuda" else None,
     )
     x = torch.from_numpy(np.ascontiguousarray(data["x"].transpose(0, 3, 1, 2))).to(device)
     y = torch.from_numpy(data["y"].astype(np.int64)).to(device)
