@@ -41,9 +41,11 @@ def run(cfg: Any) -> dict[str, Any]:
         "one untimed call and 45k behind six; torch.compile's at 40k behind one), and in "
         "training the steps run back to back. The best "
         "PyTorch figure, the fastest of all, is the reference. Roofline: XLA's FLOP count of "
-        "one step times steps/s, over the machine's matmul peak (the faster of XLA's and "
-        "PyTorch's 2048² f32 matmul, measured in this run): a train step of small layers "
-        "cannot reach it, so the fraction says how far from the compute limit each one is.",
+        "one step times steps/s, over the machine's matmul peak: the faster of XLA's and "
+        "PyTorch's 2048² f32 matmul, each a contender in the same rounds, one product a "
+        "sample after the same warm-up (a peak measured once, apart, moved by 2× between "
+        "runs on this shared VM). A train step of small layers cannot reach it, so the "
+        "fraction says how far from the compute limit each one is.",
         "target": f"best wdjax / best PyTorch >= {TARGET}",
         "torch_threads": common.TORCH_THREADS,
         "torch_device": device,
@@ -51,37 +53,37 @@ def run(cfg: Any) -> dict[str, Any]:
         "torch_compile": bool(device and cfg.torch_compile),
         "models": {},
     }
-    peak = {"jax_matmul_gflops": common.matmul_gflops()}  # before any worker starts
     workers: dict[str, Any] = {}
     if device:
         compiles = (False, True) if cfg.torch_compile else (False,)
         for compiled, policy in ((c, p) for c in compiles for p in policies):
             label = f"torch_{'compile' if compiled else 'eager'}_{policies[policy]}"
             workers[label] = (common.TorchWorker(policy), compiled)
-    if workers:  # every worker in turn, once all have started: the best
-        rates = [w.ask(flops_probe=device)["matmul_gflops"] for w, _ in workers.values()]
-        peak["torch_matmul_gflops"] = max(rates)
-    peak["peak_gflops"] = max(peak.values())
-    out["peak"] = peak
     try:
         for name in cfg.models:
-            out["models"][name] = _one_model(cfg, name, workers, device, peak["peak_gflops"])
+            out["models"][name] = _one_model(cfg, name, workers, device)
     finally:
         for w, _ in workers.values():
             w.close()
     return out
 
 
-def _one_model(
-    cfg: Any, name: str, workers: dict, device: str | None, peak_gflops: float
-) -> dict[str, Any]:
+def _one_model(cfg: Any, name: str, workers: dict, device: str | None) -> dict[str, Any]:
     B, L = cfg.batch_size, cfg.scan_length
     model = common.create_model(name)
     opt = common.wdjax_optimizer
     scan = common.scanned_steps(model, opt(), B, L)
     # each sample: untimed calls for WARM_S (a contender idle during the others' turns
     # comes back slowly), then one timed call
-    contenders: dict[str, Any] = {"jax_scan": lambda: (warm(scan, WARM_S), _timed(scan))[1]}
+    matmul = common.matmul_call()
+    contenders: dict[str, Any] = {
+        "jax_scan": lambda: (warm(scan, WARM_S), _timed(scan))[1],
+        "peak_xla": lambda: (warm(matmul, WARM_S), _timed(matmul))[1],
+    }
+    if workers:  # the peak's PyTorch probe: its first worker (default OpenMP policy)
+        probe = next(iter(workers.values()))[0]
+        contenders["peak_torch"] = lambda: probe.ask(matmul=True, device=device,
+                                                      warm_s=WARM_S)["seconds"]  # fmt: skip
     first_call: dict[str, float] = {}
     for label, (worker, compiled) in workers.items():
         got = worker.ask(model=name, batch_size=B, length=L, compiled=compiled,
@@ -89,6 +91,10 @@ def _one_model(
         first_call[label] = got["first_call_s"]
         contenders[label] = lambda w=worker: w.ask(steps=L, warm_s=WARM_S)["seconds"]
     res = interleaved(contenders, rounds=cfg.throughput_rounds[name], warmup=1, self_timed=True)
+    peaks = {k: res.pop(k) for k in ("peak_xla", "peak_torch") if k in res}
+    for r in peaks.values():
+        r["gflops"] = common.PEAK_FLOP / r["median_s"] / 1e9
+    peak_gflops = max(r["gflops"] for r in peaks.values())
     flops = common.step_flops(model, opt(), common.batch(B))
     per_s = {}
     for k, r in res.items():
@@ -104,7 +110,8 @@ def _one_model(
             "fraction_of_peak": flops * L / r["median_s"] / 1e9 / peak_gflops,
         }
     entry: dict[str, Any] = {"contenders": per_s, "first_call_s": first_call,
-                             "step_gflop": flops / 1e9}  # fmt: skip
+                             "step_gflop": flops / 1e9, "peak": peaks,
+                             "peak_gflops": peak_gflops}  # fmt: skip
     torch_names = [k for k in per_s if k.startswith("torch")]
     if torch_names:
         best_torch = max(torch_names, key=lambda k: per_s[k]["images_per_s"])
@@ -150,6 +157,18 @@ def _rows(e: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+PEAK_NAMES = {"peak_xla": "XLA", "peak_torch": "PyTorch"}
+
+
+def _gflops(r: dict[str, Any]) -> str:
+    """``293.1 GFLOP/s (IQR 280.2–301.5)`` of a 2048² matmul's timing record."""
+    f = common.PEAK_FLOP / 1e9
+    return (
+        f"{num(r['gflops'], '.1f')} GFLOP/s (IQR {num(f / r['q3_s'], '.1f')}–"
+        f"{num(f / r['q1_s'], '.1f')})"
+    )
+
+
 def render(s: dict[str, Any]) -> str:
     out = [f"## {TITLE}", s["what"], f"Target: {s['target']}."]
     if s.get("torch_missing"):
@@ -162,19 +181,18 @@ def render(s: dict[str, Any]) -> str:
         )
     if not s.get("torch_compile"):
         out.append("(`torch.compile` skipped in this run.)")
-    if "peak" in s:
-        p = s["peak"]
-        out.append(
-            f"Machine peak (f32 matmul, 2048²): XLA {num(p['jax_matmul_gflops'], '.1f')} "
-            f"GFLOP/s, PyTorch {num(p.get('torch_matmul_gflops'), '.1f')} GFLOP/s; peak = "
-            f"{num(p['peak_gflops'], '.1f')} GFLOP/s."
-        )
     for name, e in s["models"].items():
         head = ["contender", "images/s (median)", "IQR", "best round", "rounds", "GFLOP/s",
                 "of peak"]  # fmt: skip
         out += [f"### {name.upper()}", table([*head, f"× `{e.get('best_torch')}`"], _rows(e))]
         if "step_gflop" in e:
             out.append(f"One train step: {num(e['step_gflop'], '.3f')} GFLOP (XLA's count).")
+        if e.get("peak"):
+            out.append(
+                "Peak in the same rounds (2048² f32 matmul): "
+                + ", ".join(f"{PEAK_NAMES[k]} {_gflops(r)}" for k, r in e["peak"].items())
+                + f"; the roofline column divides by {num(e['peak_gflops'], '.1f')} GFLOP/s."
+            )
         if e.get("first_call_s"):
             out.append(
                 "First call (PyTorch compile / warm-up): "

@@ -164,23 +164,17 @@ def wdjax_optimizer(l1: bool = False) -> optax.GradientTransformation:
 # ---------------------------------------------------------------- roofline
 
 
-def best_time(run: Callable[[], Any], calls: int = 10) -> float:
-    """The fastest of ``calls`` timed calls of ``run`` (which waits for its result), after
-    one untimed call: a rate's ceiling on this machine."""
-    run()
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
+PEAK_N = 2048  # the roofline's reference: an n×n f32 matmul
+PEAK_FLOP = 2 * PEAK_N**3
 
 
-def matmul_gflops(n: int = 2048) -> float:
-    """XLA's f32 matmul rate on this machine: the best of 10 calls of an n×n product."""
+def matmul_call(n: int = PEAK_N) -> Callable[[], Any]:
+    """One jitted n×n f32 matmul that waits for its result: a contender whose rate, timed
+    in the same rounds as the others, is the machine's compute ceiling for them (a peak
+    measured once, apart, moved by 2× between runs on this shared VM)."""
     a = jax.device_put(np.random.default_rng(0).random((n, n), np.float32))
     f = jax.jit(lambda a: a @ a)
-    return 2 * n**3 / best_time(lambda: f(a).block_until_ready()) / 1e9
+    return lambda: f(a).block_until_ready()
 
 
 def step_flops(model: Any, opt: optax.GradientTransformation, data: dict) -> float:
@@ -338,12 +332,12 @@ def torch_on(device: str) -> Any:
     return torch
 
 
-def torch_matmul_gflops(device: str, n: int = 2048) -> float:
-    """PyTorch's f32 matmul rate on ``device``: the best of 10 n×n products."""
+def torch_matmul(device: str, n: int = PEAK_N) -> Callable[[], Any]:
+    """PyTorch's n×n f32 matmul on ``device``, waiting for it: the peak's other probe."""
     torch = torch_on(device)
     a = torch.from_numpy(np.random.default_rng(0).random((n, n), np.float32)).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    return 2 * n**3 / best_time(lambda: (a @ a, sync())) / 1e9
+    return lambda: (a @ a, sync())
 
 
 def torch_model(name: str):

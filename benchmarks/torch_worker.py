@@ -11,7 +11,8 @@ stdin, one JSON line per answer on stdout:
         -> {"first_call_s": ...}        build the model, AdamW and the data; one warm step
     {"steps": 6, "warm_s": 0.15} -> {"seconds": ...}   untimed calls of `steps` steps until
         `warm_s` seconds have passed (at least one), then `steps` timed
-    {"flops_probe": "cpu"} -> {"matmul_gflops": ...}   the device's matmul peak via torch
+    {"matmul": true, "device": "cpu", "warm_s": 0.15} -> {"seconds": ...}   untimed 2048²
+        f32 matmuls for `warm_s`, then one timed: the peak's PyTorch probe
 
 Every step draws a fresh batch from the same ``batch_size * length`` examples
 (``common.batch(..., n=...)``, the data the JAX contenders train on) by a random
@@ -33,7 +34,7 @@ def main() -> None:
 
     from benchmarks import common, timing
 
-    run = None
+    run = matmul = None
     for line in sys.stdin:
         req = json.loads(line)
         if "model" in req:
@@ -52,7 +53,12 @@ def main() -> None:
             run(req["steps"])
             out = {"seconds": time.perf_counter() - t0}
         else:
-            out = {"matmul_gflops": common.torch_matmul_gflops(req["flops_probe"])}
+            if matmul is None:
+                matmul = common.torch_matmul(req["device"])
+            timing.warm(matmul, req["warm_s"])
+            t0 = time.perf_counter()
+            matmul()
+            out = {"seconds": time.perf_counter() - t0}
         print(json.dumps(out), flush=True)
 
 

@@ -107,6 +107,11 @@ def test_quick_run(tmp_path):
         assert tp["contenders"][c]["images_per_s"] > 0
         assert 0 < tp["contenders"][c]["fraction_of_peak"] < 1  # below the measured matmul peak
     assert tp["ratio_library"] > 0
+    assert set(tp["peak"]) == {"peak_xla", "peak_torch"}  # timed in the contenders' rounds
+    for r in tp["peak"].values():
+        _timing(r)
+        assert r["rounds"] == tp["contenders"]["jax_scan"]["rounds"]
+    assert tp["peak_gflops"] == max(r["gflops"] for r in tp["peak"].values())
 
     (size,) = b["bandwidth"]["sizes"].values()
     for c in ("wdjax_adamw", "optax_adamw", "same_streams", "copy"):
@@ -366,4 +371,26 @@ def test_a_run_of_another_machine_keeps_the_old_table(tmp_path, cited, slug, kep
         assert (tmp_path / kept).read_text() == markdown.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         {*([kept] if kept else []), *(["RESULTS.md"] if cited else [])}
+    )
+
+
+@pytest.mark.slow
+def test_the_width_scan_times_its_ceilings_in_the_same_rounds():
+    """Each width's roofline denominators, the 2048² matmul (the peak) and the hidden
+    layer's three matmuls, are contenders of that width's rounds, not one measurement
+    apart; the fractions are the epochs' FLOP/s over that peak."""
+    from benchmarks import sweep_vs_sequential as sw
+    from wdjax.lab import data
+
+    ds = data.load("digits")
+    (row,) = sw.width_scan(ds, members=2, lr=1e-3, batch_size=256, widths=(8,), rounds=2)["rows"]
+    for c in ("vmap", "map", "sequential", "peak", "matmuls"):
+        _timing(row[c])
+        assert row[c]["rounds"] == 2
+    assert row["peak_gflops"] > 0
+    for k in ("fraction_of_peak", "fraction_of_peak_map", "fraction_of_peak_sequential",
+              "matmuls_fraction_of_peak"):  # fmt: skip
+        assert row[k] > 0
+    assert row["fraction_of_peak"] / row["fraction_of_peak_sequential"] == pytest.approx(
+        row["sequential"]["median_s"] / row["vmap"]["median_s"]
     )
